@@ -1,0 +1,1 @@
+"""Benchmark harness for early-exit neural networks (see README.md and DESIGN)."""

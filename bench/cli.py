@@ -1,0 +1,121 @@
+"""Command line: ``python -m bench run | ls``.
+
+User mistakes (bad flags, unknown names, missing data) print one paragraph and exit with code 2; no
+traceback. ``--debug`` shows the traceback anyway.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from bench.errors import UserError
+
+
+def _csv_list(kind: str, convert):
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{kind} list is empty")
+        try:
+            return [convert(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"could not read {text!r} as a comma-separated list of {kind}")
+
+    return parse
+
+
+def parse_set(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["threshold.epochs=5", "backbone.depth=4"]`` -> {"threshold": {"epochs": 5}, "backbone": {"depth": 4}}.
+    Values are read as JSON when they parse (numbers, true/false, lists), else kept as strings."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        target, dot, name = key.partition(".")
+        if not sep or not dot or not target or not name:
+            raise UserError(f"--set {item!r} is malformed: write --set METHOD.FIELD=VALUE (or backbone.FIELD=VALUE), "
+                            "e.g. --set threshold.epochs=10.")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(target, {})[name] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark harness for early-exit networks.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train/fit, evaluate at budgets, write tidy results")
+    r.add_argument("--methods", type=_csv_list("method names", str), default=["threshold", "entropy"],
+                   help="comma-separated methods (default: threshold,entropy)")
+    r.add_argument("--dataset", default="digits", help="dataset name (default: digits, embedded)")
+    r.add_argument("--backbone", default=None, help="timm ViT name (default: the dataset's small ViT)")
+    r.add_argument("--seeds", type=_csv_list("integers", int), default=[0], help="e.g. 0,1,2 (default: 0)")
+    r.add_argument("--budgets", type=_csv_list("numbers", float), default=None,
+                   help="target macs_rel values in (0, 1] (default: 0.25,0.5,0.75,1.0)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="override a hyper-parameter of a method or of the backbone (repeatable)")
+    r.add_argument("--out", default=None, help="output directory (default: results/runs/<run_id>/)")
+    r.add_argument("--data-dir", default=None, help="directory holding the dataset's official files")
+    r.add_argument("--cache-dir", default=None, help="splits/backbones/features cache (default: ~/.cache/bench)")
+    r.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    r.add_argument("--threads", type=int, default=None, help="torch threads per job")
+    r.add_argument("--pretrained", action="store_true", help="fine-tune timm's pretrained weights")
+    r.add_argument("--no-download", dest="download", action="store_false", help="never download data")
+
+    sub.add_parser("ls", help="list methods, datasets and backbones")
+    return p
+
+
+def cmd_run(args) -> int:
+    from bench.run import DEFAULT_BUDGETS, RunConfig, execute
+
+    cfg = RunConfig(methods=args.methods, dataset=args.dataset, backbone=args.backbone, seeds=args.seeds,
+                    budgets=args.budgets or list(DEFAULT_BUDGETS), overrides=parse_set(args.overrides),
+                    pretrained=args.pretrained, device=args.device, threads=args.threads,
+                    data_dir=args.data_dir, cache_dir=args.cache_dir, out=args.out, download=args.download)
+    execute(cfg)
+    return 0
+
+
+def cmd_ls(args) -> int:
+    import methods  # noqa: F401
+    from bench.backbone import DATASET_DEFAULTS
+    from bench.interface import METHODS
+    from datasets import list_datasets
+
+    print("methods:")
+    for name in METHODS.names():
+        doc = (sys.modules[METHODS.get(name).__module__].__doc__ or "").strip().splitlines()
+        print(f"  {name:12s} {doc[0] if doc else ''}")
+    print("datasets:")
+    for name in list_datasets():
+        c = DATASET_DEFAULTS.get(name)
+        extra = f"default backbone: ViT img {c.img_size}, patch {c.patch_size}, width {c.embed_dim}, depth {c.depth}" if c else ""
+        print(f"  {name:14s} {extra}")
+    print("backbones: any timm Vision Transformer (`--backbone vit_small_patch16_224`, ...); architecture fields "
+          "are set with --set backbone.FIELD=VALUE (img_size, patch_size, embed_dim, depth, num_heads, epochs, ...)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    try:
+        return {"run": cmd_run, "ls": cmd_ls}[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: results already written are intact; rerun the same command to redo this run",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,94 @@
+"""Turn a fitted method's decisions into tidy metric rows and per-sample decision rows.
+
+One code path for every method: the prediction at the chosen exit, its softmax (float64), and the metrics
+of bench.metrics over the whole split. Row schema (DESIGN.md): split, seed, method, params, budget, metric,
+value, n, exit; the run-level columns (run_id, dataset, backbone) are added by the writer.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from bench import metrics as M
+from bench.hashing import canonical_json
+from bench.interface import ExitMethod, OperatingPoint
+from bench.task import Task
+
+EVAL_SPLITS = ("val", "test")
+
+
+def _row(split, seed, method, params, budget, metric, value, n, exit=None) -> dict:
+    return {"split": split, "seed": seed, "method": method, "params": canonical_json(params),
+            "budget": budget, "metric": metric, "value": float(value), "n": int(n),
+            "exit": exit}
+
+
+def prediction_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Overall metrics of predictions with probabilities [N, C] (the emitted prediction is the argmax)."""
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    correct = pred == targets
+    return {"accuracy": M.accuracy(pred, targets), "ece": M.ece(conf, correct),
+            "ece_equal_mass": M.ece_equal_mass(conf, correct), "nll": M.nll(probs, targets),
+            "brier": M.brier(probs, targets), "auroc_misclassification": M.auroc_misclassification(conf, correct)}
+
+
+def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPoint | None],
+                    budgets: Sequence[float], splits: Sequence[str] = EVAL_SPLITS
+                    ) -> tuple[list[dict], list[dict]]:
+    """Metric rows and per-sample decision rows for every budget on every split."""
+    rows: list[dict] = []
+    decisions: list[dict] = []
+    static = task.macs.static
+    base_params = method.params()
+    for split_name in splits:
+        split = task.splits[split_name]
+        logits = method.exit_logits(split)
+        if not torch.isfinite(logits).all():
+            raise ValueError(f"method {method.name} produced NaN or infinite logits on {split_name}")
+        probs = M.softmax(logits.numpy())  # [K, N, C] float64
+        y = split.labels
+        n = len(split)
+        k_exits = probs.shape[0]
+        for k in range(k_exits):  # each head on every sample: what the exit could do if everyone stopped there
+            rows.append(_row(split_name, task.seed, method.name, base_params, None, "head_accuracy",
+                             M.accuracy(probs[k].argmax(1), y), n, k))
+        for budget, point in zip(budgets, points):
+            if point is None:
+                params = {**base_params, "infeasible": True}
+                for metric in ("accuracy", "macs", "macs_rel", "ece"):
+                    rows.append(_row(split_name, task.seed, method.name, params, budget, metric, np.nan, n))
+                continue
+            params = {**base_params, **point.params, "val_macs_rel": point.val_macs_rel}
+            exit_idx = np.asarray(method.decide(logits, point))
+            p = probs[exit_idx, np.arange(n)]  # [N, C] the emitted distribution
+            macs = method.costs_[exit_idx]
+            values = {**prediction_metrics(p, y), "macs": macs.mean(), "macs_rel": macs.mean() / static}
+            for metric, value in values.items():
+                rows.append(_row(split_name, task.seed, method.name, params, budget, metric, value, n))
+            pred, conf = p.argmax(1), p.max(1)
+            for k in range(k_exits):
+                at = exit_idx == k
+                rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_share", at.mean(), n, k))
+                if at.any():
+                    rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_accuracy",
+                                     M.accuracy(pred[at], y[at]), int(at.sum()), k))
+                    rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_ece",
+                                     M.ece(conf[at], pred[at] == y[at]), int(at.sum()), k))
+            decisions.append({"split": split_name, "seed": task.seed, "method": method.name, "budget": budget,
+                              "sample_id": split.sample_ids, "exit": exit_idx, "pred": pred, "target": y,
+                              "confidence": conf})
+    return rows, decisions
+
+
+def static_backbone_rows(task: Task, splits: Sequence[str] = EVAL_SPLITS) -> list[dict]:
+    """The static backbone (every sample through every block, no heads): the reference point, macs_rel = 1."""
+    rows = []
+    for split_name in splits:
+        split = task.splits[split_name]
+        probs = M.softmax(task.final_logits(split).numpy())
+        values = {**prediction_metrics(probs, split.labels), "macs": task.macs.static, "macs_rel": 1.0}
+        rows += [_row(split_name, task.seed, "static", {}, None, m, v, len(split)) for m, v in values.items()]
+    return rows

@@ -1,0 +1,118 @@
+"""The one exit interface every method implements, and the method registry.
+
+Contract (DESIGN.md):
+- ``fit(task)`` learns from the train split, may use val for model selection; never test labels. Returns self.
+- ``exit_logits(split)`` -> [K, N, C]: the prediction available at each exit.
+- ``costs_`` (after fit) -> [K] cumulative MACs per image of leaving at each exit, heads and decisions included.
+- ``calibrate(task, budgets)`` -> one ``OperatingPoint`` (or None: infeasible) per budget, chosen on val.
+- ``decide(logits, point)`` -> exit index [N]; row k of any score uses exits 0..k only.
+- ``exit_now(k, logits_k, point)`` -> bool mask [N]: the streaming form, equal to ``decide``.
+
+Methods are dataclasses: hyper-parameters are fields stored as given (``--set METHOD.FIELD=VALUE`` sets
+them), fitted state ends in ``_`` (scikit-learn's convention).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from bench.calibration import calibrate_shared_threshold, first_exit
+from bench.errors import UserError
+from bench.registry import Registry
+from bench.task import SplitData, Task
+
+METHODS: Registry[type["ExitMethod"]] = Registry("method")
+
+
+def register_method(name: str):
+    def deco(cls):
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return deco
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    params: dict[str, Any]  # JSON-able: what the rule needs (e.g. {"threshold": 0.93})
+    val_macs_rel: float  # mean validation cost / static backbone MACs
+
+
+class NotFittedError(UserError):
+    pass
+
+
+@dataclass
+class ExitMethod:
+    name: ClassVar[str] = ""
+    bound: ClassVar[bool] = False  # an upper bound (reads labels), not a deployable method
+
+    def fit(self, task: Task) -> "ExitMethod":
+        raise NotImplementedError
+
+    def exit_logits(self, split: SplitData) -> torch.Tensor:
+        raise NotImplementedError
+
+    def calibrate(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint | None]:
+        raise NotImplementedError
+
+    def decide(self, logits: torch.Tensor, point: OperatingPoint) -> np.ndarray:
+        raise NotImplementedError
+
+    def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def check_fitted(self) -> None:
+        if not hasattr(self, "costs_"):
+            raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit(task) first.")
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_params(cls, overrides: dict[str, Any]) -> "ExitMethod":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise UserError(f"--set {cls.name}.{unknown[0]}: {cls.name} has no field {unknown[0]!r}. "
+                            f"Fields: {', '.join(sorted(names)) or '(none)'}.")
+        return cls(**overrides)
+
+
+def create_method(name: str, overrides: dict[str, Any] | None = None) -> ExitMethod:
+    return METHODS.get(name).from_params(overrides or {})
+
+
+@dataclass
+class ScoreExitMethod(ExitMethod):
+    """A rule "leave at the first exit whose score reaches the threshold", with the harness's shared budget
+    calibration. Subclasses define ``score`` (higher = more confident) and how the per-exit logits are made."""
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-exit scores [..., ] from logits [..., C]; must depend on that exit's logits only."""
+        raise NotImplementedError
+
+    def decision_macs(self, num_classes: int) -> int:
+        """Operations to evaluate the exit decision once, counted like MACs in the cost."""
+        raise NotImplementedError
+
+    def scores(self, logits: torch.Tensor) -> np.ndarray:
+        return self.score(logits.double()).numpy()
+
+    def calibrate(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint | None]:
+        self.check_fitted()
+        val = self.scores(self.exit_logits(task.splits["val"]))
+        costs_rel = self.costs_ / task.macs.static
+        return [None if r is None else OperatingPoint({"threshold": r[0], "scheme": "shared"}, r[1])
+                for r in calibrate_shared_threshold(val, costs_rel, budgets)]
+
+    def decide(self, logits: torch.Tensor, point: OperatingPoint) -> np.ndarray:
+        return first_exit(self.scores(logits), point.params["threshold"])
+
+    def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint) -> np.ndarray:
+        return self.scores(logits_k) >= point.params["threshold"]

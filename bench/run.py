@@ -1,0 +1,223 @@
+"""``bench run``: resolve the configuration, then for each seed build (or load) the split, backbone and
+feature cache once, fit every method on the cached features, evaluate every budget and write the results.
+
+Data flow: dataset + seed -> splits -> backbone -> per-block features [K, N, D] -> method.fit -> per-exit
+logits [K, N, C] + exit decisions per budget -> metric rows / decision rows -> files in ``--out``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.backbone import BackboneConfig, default_config, load_or_train_backbone
+from bench.errors import UserError
+from bench.evaluate import evaluate_method, static_backbone_rows
+from bench.features import load_or_compute_features
+from bench.flops import analytic_vit_macs, fvcore_vit_macs
+from bench.hashing import atomic_write_text, config_hash
+from bench.interface import METHODS, create_method
+from bench.results import decisions_frame, metrics_frame, provenance, write_csv, write_json
+from bench.splits import load_or_make_splits
+from bench.summary import summary_table
+from bench.task import SplitData, Task
+
+DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("BENCH_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bench")
+    return Path(base)
+
+
+@dataclass
+class RunConfig:
+    methods: list[str]
+    dataset: str = "digits"
+    backbone: str | None = None  # timm model name; None: the dataset's default
+    seeds: list[int] = field(default_factory=lambda: [0])
+    budgets: list[float] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"threshold": {"epochs": 5}, "backbone": {...}}
+    pretrained: bool = False
+    device: str = "cpu"
+    threads: int | None = None
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    out: str | None = None
+    download: bool = True
+
+    def backbone_config(self) -> BackboneConfig:
+        cfg = default_config(self.dataset)
+        changes: dict[str, Any] = dict(self.overrides.get("backbone", {}))
+        if self.backbone:
+            changes["model"] = self.backbone
+        if self.pretrained:
+            changes["pretrained"] = True
+        names = {f.name for f in dataclasses.fields(BackboneConfig)}
+        bad = sorted(set(changes) - names)
+        if bad:
+            raise UserError(f"--set backbone.{bad[0]}: the backbone has no field {bad[0]!r}. "
+                            f"Fields: {', '.join(sorted(names))}.")
+        return cfg.replace(**changes)
+
+    def identity(self) -> dict:
+        """What determines the numbers (not where files live, nor the thread count)."""
+        return {"methods": self.methods, "dataset": self.dataset, "seeds": self.seeds, "budgets": self.budgets,
+                "backbone": dataclasses.asdict(self.backbone_config()),
+                "method_params": {m: create_method(m, self.overrides.get(m)).params() for m in self.methods},
+                "device": self.device}
+
+    @property
+    def run_id(self) -> str:
+        return config_hash(self.identity(), 12)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every user input before any expensive work starts."""
+    import methods  # noqa: F401  (registers the methods)
+    from datasets import list_datasets
+    from bench.registry import unknown_name_message
+
+    if not cfg.methods:
+        raise UserError("No methods given: pass --methods, e.g. --methods threshold,entropy.")
+    for m in cfg.methods:
+        METHODS.get(m)
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise UserError(f"--methods lists a method twice: {','.join(cfg.methods)}.")
+    if cfg.dataset not in list_datasets():
+        raise UserError(unknown_name_message("dataset", cfg.dataset, list_datasets()))
+    for key in cfg.overrides:
+        if key != "backbone" and key not in cfg.methods:
+            raise UserError(f"--set {key}.FIELD=...: {key!r} is neither 'backbone' nor one of the methods of "
+                            f"this run ({', '.join(cfg.methods)}).")
+    for b in cfg.budgets:
+        if not (0 < b <= 1) or not np.isfinite(b):
+            raise UserError(f"Budget {b} is outside (0, 1]: a budget is a target mean cost relative to the "
+                            "static backbone, e.g. --budgets 0.25,0.5,0.75,1.0.")
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise UserError(f"--device {cfg.device!r}: use cpu or cuda.")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device here; use --device cpu.")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"--threads {cfg.threads}: give a positive number of threads.")
+    bcfg = cfg.backbone_config()
+    if cfg.backbone and not cfg.backbone.startswith("vit_"):
+        raise UserError(f"--backbone {cfg.backbone!r}: only timm Vision Transformers (vit_*) expose the per-block "
+                        "exits this harness uses; `python -m bench ls` lists them.")
+    if cfg.backbone:
+        import timm
+
+        if not timm.is_model(bcfg.model):
+            raise UserError(unknown_name_message("backbone", bcfg.model, timm.list_models("vit_*")))
+    for m in cfg.methods:
+        create_method(m, cfg.overrides.get(m))  # unknown fields fail here
+
+
+def prepare_out(cfg: RunConfig) -> Path:
+    out = Path(cfg.out) if cfg.out else Path("results") / "runs" / cfg.run_id
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose another path.")
+    run_json = out / "run.json"
+    if run_json.exists():
+        import json
+
+        try:
+            other = json.loads(run_json.read_text()).get("run_id")
+        except ValueError:
+            other = None
+        if other != cfg.run_id:
+            raise UserError(f"--out {out} holds a run of another configuration (run_id {other}, this one is "
+                            f"{cfg.run_id}); its results are left untouched. Choose another --out, or drop --out "
+                            "to use results/runs/<run_id>/.")
+    elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise UserError(f"--out {out} is not empty and holds no run.json: refusing to mix results with other "
+                        "files. Choose an empty or new directory.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not run_json.exists():  # claim the directory for this configuration before the long work starts
+            write_json(run_json, {"run_id": cfg.run_id, "status": "running"})
+    except OSError as e:
+        raise UserError(f"Cannot write to --out {out}: {e.strerror or e}. Choose a writable directory.") from None
+    return out
+
+
+def build_task(dataset, splits, backbone, feats: dict[str, torch.Tensor], macs) -> Task:
+    parts = {}
+    for name in ("train", "val", "cal"):
+        idx = splits[name]
+        parts[name] = SplitData(feats["train"][:, torch.from_numpy(idx)], dataset.train_y[idx], idx)
+    parts["test"] = SplitData(feats["test"], dataset.test_y, splits.test)
+    head = backbone.model.head
+    return Task(dataset.name, splits.seed, dataset.num_classes, parts, head.weight.detach().cpu().float(),
+                head.bias.detach().cpu().float(), macs, key=backbone.key, split_sha256=splits.sha256,
+                backbone=describe_backbone(backbone.config))
+
+
+def describe_backbone(c: BackboneConfig) -> str:
+    if c.pretrained:
+        return f"{c.model}(pretrained,img{c.img_size})"
+    return f"{c.model}(img{c.img_size},p{c.patch_size},d{c.embed_dim},L{c.depth})"
+
+
+def count_macs(model):
+    """Per-block MACs from fvcore (attention included), checked against the analytic count (the arbiter)."""
+    counted, analytic = fvcore_vit_macs(model), analytic_vit_macs(model)
+    if abs(counted.static - analytic.static) > 0.01 * analytic.static:
+        raise RuntimeError(f"fvcore ({counted.static}) and analytic ({analytic.static}) MACs differ by > 1 %")
+    return counted
+
+
+def execute(cfg: RunConfig, log=print) -> Path:
+    """Run the whole job; returns the output directory. Raises UserError for user mistakes."""
+    validate(cfg)
+    from datasets import load_dataset
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = prepare_out(cfg)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    t0 = time.time()
+    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
+    log(f"dataset {dataset.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images, "
+        f"{dataset.num_classes} classes ({dataset.source})")
+    bcfg = cfg.backbone_config()
+    rows, decisions, seeds_info = [], [], {}
+    import methods  # noqa: F401
+
+    for seed in cfg.seeds:
+        torch.manual_seed(seed)
+        splits = load_or_make_splits(cache, dataset.name, dataset.train_y, len(dataset.test_y), seed)
+        backbone = load_or_train_backbone(cache, bcfg, dataset, splits, cfg.device)
+        feats = load_or_compute_features(cache, backbone, dataset, cfg.device)
+        task = build_task(dataset, splits, backbone, feats, count_macs(backbone.model.cpu()))
+        seeds_info[seed] = {"split_sha256": splits.sha256, "backbone_key": backbone.key,
+                            "backbone_val_accuracy": backbone.val_accuracy, "backbone_best_epoch": backbone.best_epoch,
+                            "static_macs": task.macs.static,
+                            "split_sizes": {k: int(len(splits[k])) for k in ("train", "val", "cal", "test")}}
+        rows += static_backbone_rows(task)
+        for name in cfg.methods:
+            method = create_method(name, cfg.overrides.get(name)).fit(task)
+            points = method.calibrate(task, cfg.budgets)
+            r, d = evaluate_method(method, task, points, cfg.budgets)
+            rows += r
+            decisions += d
+            log(f"seed {seed}: {name} fitted and evaluated at {len(cfg.budgets)} budgets")
+    df = metrics_frame(rows, cfg.run_id, dataset.name, describe_backbone(bcfg))
+    summary = summary_table(df)
+    write_csv(decisions_frame(decisions), out / "decisions.csv.gz")
+    write_csv(df, out / "metrics.csv")
+
+    atomic_write_text(out / "summary.md", summary + "\n")
+    config = {**dataclasses.asdict(cfg), "resolved_backbone": dataclasses.asdict(bcfg)}
+    write_json(out / "run.json", {"run_id": cfg.run_id, "status": "complete", **provenance(config, {
+        "dataset_source": dataset.source, "seeds": seeds_info, "duration_s": round(time.time() - t0, 2)})})
+    log("\n" + summary + "\n")
+    log(f"results written to {out}/ (metrics.csv, decisions.csv.gz, run.json, summary.md)")
+    return out

@@ -1,0 +1,16 @@
+"""Image classification datasets for the benchmark, loaded from their official file formats.
+
+``load_dataset(name, data_dir=None, download=True)`` returns an :class:`ImageDataset` (uint8 ``[N, H, W, C]``
+images, int64 labels, fixed train/test split). Registered names: ``digits`` (scikit-learn, embedded),
+``fashion-mnist`` (IDX), ``cifar10`` / ``cifar100`` / ``cifar100-lt`` (python-version pickles), ``svhn`` (.mat).
+Files are md5-verified; see :mod:`datasets._files` for where they are looked for and how they are downloaded.
+Every user-fixable problem raises :class:`bench.errors.UserError`.
+"""
+from __future__ import annotations
+
+from ._base import ImageDataset, list_datasets, load_dataset, register_dataset
+
+# Importing the loader modules registers them.
+from . import cifar, digits, fashion_mnist, svhn  # noqa: E402,F401  isort: skip
+
+__all__ = ["ImageDataset", "list_datasets", "load_dataset", "register_dataset"]

@@ -1,0 +1,96 @@
+"""The in-memory dataset record and the name -> loader registry.
+
+Every loader returns an :class:`ImageDataset`: uint8 images stored channels-last ``[N, H, W, C]`` (C=1 for
+grayscale), int64 labels ``[N]`` in ``0 .. num_classes-1``, the class names, and a ``source`` string that says
+which files were read and which checksums they matched. Loaders are registered with
+``@register_dataset("name")``; registering a name twice is an error.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from bench.errors import UserError
+from bench.registry import Registry
+
+# A loader takes (data_dir or None, download) and returns an ImageDataset.
+Loader = Callable[[Optional[Path], bool], "ImageDataset"]
+
+_REGISTRY: Registry[Loader] = Registry("dataset")
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Decorator: register ``fn(data_dir, download) -> ImageDataset`` under ``name`` (duplicates raise)."""
+    return _REGISTRY.register(name)
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """A classification dataset held in memory (fixed train/test split).
+
+    ``eq=False``: datasets compare by identity (element-wise array comparison has no single truth value).
+    """
+
+    name: str
+    train_x: np.ndarray  # uint8 [N, H, W, C]
+    train_y: np.ndarray  # int64 [N]
+    test_x: np.ndarray  # uint8 [M, H, W, C]
+    test_y: np.ndarray  # int64 [M]
+    num_classes: int
+    classes: tuple[str, ...]
+    source: str
+
+    def __post_init__(self) -> None:
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if x.dtype != np.uint8 or x.ndim != 4:
+                raise ValueError(f"{self.name}: {split}_x must be uint8 [N,H,W,C], got {x.dtype} {x.shape}")
+            if y.dtype != np.int64 or y.shape != (x.shape[0],):
+                raise ValueError(f"{self.name}: {split}_y must be int64 [{x.shape[0]}], got {y.dtype} {y.shape}")
+            if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+                raise ValueError(f"{self.name}: {split} labels outside 0..{self.num_classes - 1}")
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise ValueError(f"{self.name}: train images {self.train_x.shape[1:]} != test {self.test_x.shape[1:]}")
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)``, the shape a model sees after the channels-first conversion."""
+        _, h, w, c = self.train_x.shape
+        return (c, h, w)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, train={self.train_x.shape[0]}, test={self.test_x.shape[0]}, "
+            f"image_shape={self.image_shape}, num_classes={self.num_classes})"
+        )
+
+
+def list_datasets() -> list[str]:
+    """Sorted registry names."""
+    return _REGISTRY.names()
+
+
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, download: bool = True
+) -> ImageDataset:
+    """Load dataset ``name`` (see :func:`list_datasets`).
+
+    Files are looked for in ``data_dir`` (and its ``<name>/`` subfolder), then the cache
+    (``$BENCH_DATA_DIR`` or ``~/.cache/bench/data``), then system locations; missing files are downloaded into
+    the cache unless ``download`` is false. Every problem the user can fix raises :class:`bench.errors.UserError`.
+    """
+    loader = _REGISTRY.get(name)  # UserError with "did you mean" for unknown names
+    path = None
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise UserError(
+                f"--data-dir {path} is not a directory. Pass --data-dir DIR naming an existing folder that holds "
+                f"the {name} files, or leave --data-dir out to use the cache."
+            )
+    return loader(path, download)

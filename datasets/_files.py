@@ -1,0 +1,251 @@
+"""Finding, verifying and downloading the official dataset files.
+
+* :data:`CHECKSUMS` holds the official md5 of every file a loader reads (keys are file names, or
+  ``folder/member`` for the files inside the CIFAR archives). Every file read from disk is checked against it
+  before it is parsed; tests replace entries with the md5 of small generated files to exercise that path.
+* Search order for a dataset's files: ``data_dir``, ``data_dir/<subdir>``, the cache ``<root>/<subdir>`` where
+  ``<root>`` is ``$BENCH_DATA_DIR`` or ``~/.cache/bench/data``, then :data:`SYSTEM_DIRS` (Debian's
+  ``dataset-fashion-mnist`` package installs into ``/usr/share/datasets/fashion-mnist``).
+* Missing files are downloaded into the cache from :data:`URLS` (5 s timeout) into a temporary file that is
+  md5-checked and then renamed into place, so the cache never holds a partial or unverified file.
+  :func:`_fetch` is the only function that touches the network.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from bench.errors import UserError
+from bench.hashing import atomic_write
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "BENCH_DATA_DIR"
+DEFAULT_CACHE_ROOT = "~/.cache/bench/data"
+TIMEOUT_S = 5.0
+
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+
+CHECKSUMS: dict[str, str] = {
+    # Fashion-MNIST: the official .gz files, and their decompressed contents (accepted when a copy was
+    # re-compressed, e.g. Debian's package, whose gzip headers differ from the official ones).
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    # CIFAR-10, python version: the archive and its members.
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "cifar-10-batches-py/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "cifar-10-batches-py/data_batch_4": "634d18415352ddfa80567beed471001a",
+    "cifar-10-batches-py/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
+    "cifar-10-batches-py/batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    # CIFAR-100, python version.
+    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+    "cifar-100-python/train": "16019d7e3df5f24257cddd939b257f8d",
+    "cifar-100-python/test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "cifar-100-python/meta": "7973b15100ade9c7d40fb424638fde48",
+    # SVHN, cropped digits (format 2).
+    "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+    "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
+}
+
+URLS: dict[str, str] = {
+    **{
+        f"{stem}.gz": FASHION_MNIST_URL + f"{stem}.gz"
+        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte")
+    },
+    "cifar-10-python.tar.gz": CIFAR10_URL,
+    "cifar-100-python.tar.gz": CIFAR100_URL,
+    "train_32x32.mat": SVHN_URL + "train_32x32.mat",
+    "test_32x32.mat": SVHN_URL + "test_32x32.mat",
+}
+
+# Read-only locations searched after the cache, per cache subdir.
+SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
+    "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),),
+}
+
+
+# ----------------------------------------------------------------------------------------------- checksums
+
+
+def md5_file(path: str | os.PathLike) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def checksum_error(where: str, key: str, actual: str, official_from: str = "") -> UserError:
+    source = official_from or URLS.get(key) or "the official source"
+    return UserError(
+        f"Checksum mismatch for {where}: md5 is {actual}, expected the official {CHECKSUMS[key]} ({key}). "
+        f"The file is corrupt, incomplete or not the official release. Delete it so it is downloaded again, "
+        f"or replace it with the official file from {source}."
+    )
+
+
+def verify_file(path: Path, key: str) -> str:
+    """md5 of ``path`` (chunked); raises UserError unless it is ``CHECKSUMS[key]``."""
+    actual = md5_file(path)
+    if actual != CHECKSUMS[key]:
+        raise checksum_error(str(path), key, actual)
+    return actual
+
+
+def verify_bytes(data: bytes, key: str, where: str, official_from: str = "") -> str:
+    actual = md5_bytes(data)
+    if actual != CHECKSUMS[key]:
+        raise checksum_error(where, key, actual, official_from)
+    return actual
+
+
+# ------------------------------------------------------------------------------------------------ location
+
+
+def cache_root() -> Path:
+    env = os.environ.get(ENV_VAR)
+    return Path(env if env else DEFAULT_CACHE_ROOT).expanduser().absolute()
+
+
+def cache_dir(subdir: str) -> Path:
+    return cache_root() / subdir
+
+
+def search_dirs(subdir: str, data_dir: Optional[Path]) -> list[Path]:
+    dirs: list[Path] = []
+    if data_dir is not None:
+        base = Path(data_dir).expanduser().absolute()
+        dirs += [base, base / subdir]
+    dirs.append(cache_dir(subdir))
+    dirs += [Path(d) for d in SYSTEM_DIRS.get(subdir, ())]
+    out: list[Path] = []
+    for d in dirs:
+        if d not in out:
+            out.append(d)
+    return out
+
+
+@dataclass(frozen=True)
+class Need:
+    """One thing a loader needs, satisfiable by any of several forms.
+
+    ``names`` are paths relative to a search dir, in order of preference; a name that is a directory counts
+    only if it holds all of ``members`` ("." means the search dir itself). ``download`` is the file fetched
+    into the cache when no form is found; ``describe`` is how error messages name it.
+    """
+
+    describe: str
+    names: tuple[str, ...]
+    download: str
+    members: tuple[str, ...] = ()
+
+
+def _match(d: Path, need: Need) -> Optional[Path]:
+    for name in need.names:
+        p = d if name == "." else d / name
+        if p.is_dir():
+            if need.members and all((p / m).is_file() for m in need.members):
+                return p
+        elif p.is_file():
+            return p
+    return None
+
+
+def _looked_for(dataset: str, needs: list[Need], dirs: list[Path]) -> str:
+    return (
+        f"{dataset}: could not find {', '.join(n.describe for n in needs)}. "
+        f"Looked in: {', '.join(str(d) for d in dirs)}."
+    )
+
+
+def locate(dataset: str, subdir: str, needs: list[Need], data_dir: Optional[Path], download: bool) -> list[Path]:
+    """Path of each need (first match in :func:`search_dirs` order), downloading missing ones into the cache.
+
+    A found file is not checked here: the loader verifies its md5 when it reads it, and a mismatch is an error
+    (it does not fall through to the next location, which would hide a corrupt file).
+    """
+    dirs = search_dirs(subdir, data_dir)
+    found: list[Optional[Path]] = []
+    for need in needs:
+        found.append(next((p for d in dirs if (p := _match(d, need)) is not None), None))
+    missing = [n for n, p in zip(needs, found) if p is None]
+    if not missing:
+        return [p for p in found if p is not None]
+
+    dest_dir = cache_dir(subdir)
+    urls = ", ".join(URLS[n.download] for n in missing)
+    if not download:
+        raise UserError(
+            f"{_looked_for(dataset, missing, dirs)} Downloads are disabled (--no-download). To fix: pass "
+            f"--data-dir DIR where DIR (or DIR/{subdir}) holds these files (official source: {urls}), or allow "
+            f"downloads (drop --no-download) to fetch them into {dest_dir}."
+        )
+    out = []
+    for need, path in zip(needs, found):
+        if path is None:
+            try:
+                path = fetch_verified(need.download, dest_dir)
+            except UserError as e:
+                raise UserError(
+                    f"{_looked_for(dataset, missing, dirs)} {e} To fix: download "
+                    f"{', '.join(f'{n.download} from {URLS[n.download]}' for n in missing)} on a machine with "
+                    f"network access and pass --data-dir DIR holding them (or put them in {dest_dir}), or retry "
+                    f"when the network is reachable."
+                ) from None
+        out.append(path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- download
+
+
+def _fetch(url: str, dest: str) -> None:
+    """Write the body of ``url`` to ``dest`` (the only network access; tests replace it)."""
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(dest, "wb") as f:
+        shutil.copyfileobj(response, f, 1 << 20)
+
+
+def fetch_verified(key: str, dest_dir: Path) -> Path:
+    """Download ``URLS[key]`` to ``dest_dir/key``: temp file, md5 check, atomic rename. Raises UserError."""
+    url = URLS[key]
+    dest = dest_dir / key
+    log.warning("downloading %s -> %s", url, dest)
+
+    def write(tmp: str) -> None:
+        _fetch(url, tmp)
+        actual = md5_file(tmp)
+        if actual != CHECKSUMS[key]:
+            raise UserError(
+                f"The download of {url} has md5 {actual}, not the official {CHECKSUMS[key]}, so nothing was saved."
+            )
+
+    try:
+        atomic_write(dest, write)
+    except UserError:
+        raise
+    except Exception as e:  # URLError, socket timeout, HTTP errors, disk full, unwritable cache ...
+        raise UserError(f"Downloading {url} to {dest} failed ({type(e).__name__}: {e}).") from None
+    return dest
