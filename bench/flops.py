@@ -256,7 +256,7 @@ def _sdpa_fvcore_handle(inputs: list[Any], outputs: list[Any]) -> int:
 
 def _fvcore_mac_handles() -> dict[str, Any]:
     """fvcore's own handles for the MAC-bearing ops (its defaults minus norms/upsampling/pooling)."""
-    from fvcore.nn import jit_handles as jh
+    jh = _import_fvcore().jit_handles
 
     return {
         "aten::addmm": jh.addmm_flop_jit,
@@ -288,10 +288,16 @@ _MAC_LIKE = ("attention", "matmul", "bmm", "baddbmm", "addmm", "mm", "conv", "li
 _SDPA = "aten::scaled_dot_product_attention"
 
 
-def _fvcore_analysis(module: nn.Module, inputs: tuple, sdpa_handle: bool):
-    from fvcore.nn import FlopCountAnalysis
+def _import_fvcore():
+    with warnings.catch_warnings():  # importing fvcore calls the deprecated torch.jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        import fvcore.nn
+        import fvcore.nn.jit_handles  # noqa: F401
+    return fvcore.nn
 
-    fca = FlopCountAnalysis(module, inputs)
+
+def _fvcore_analysis(module: nn.Module, inputs: tuple, sdpa_handle: bool):
+    fca = _import_fvcore().FlopCountAnalysis(module, inputs)
     # Start from no handles: fvcore's set_op_handle(op, None) only adds ``op`` to the ignore set and leaves
     # an existing handle in place -- and handles win -- so ``layer_norm`` cannot be switched off that way.
     fca.clear_op_handles()

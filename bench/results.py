@@ -48,7 +48,6 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def provenance(config: dict, extra: dict) -> dict:
-    import fvcore  # noqa: F401
     import timm
     import torch
 

@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` (set up, run the main job on the embedded digits data) and
+# `make test` (set up if needed, run the test suite). Setup is a virtualenv in .venv from pinned requirements.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench-perf clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/python -m bench run --methods threshold,entropy --dataset digits
+
+test: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,20 @@
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a pretrained-weight lookup would otherwise hang ~45 s
+os.environ.setdefault("TQDM_DISABLE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+
+import pytest  # noqa: E402
+
+import methods  # noqa: E402,F401  (registers the methods)
+from bench.task import synthetic_task  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def task():
+    return synthetic_task()

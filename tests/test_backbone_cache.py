@@ -1,0 +1,81 @@
+"""The staged forward matches timm, and the checkpoint / feature caches never serve a stale or broken file."""
+import numpy as np
+import pytest
+import torch
+
+import bench.backbone as bb
+from bench import features as F
+from bench.backbone import BackboneConfig, block_features, create_backbone, head_logits, to_tensor
+from bench.splits import make_splits
+from datasets import load_dataset
+
+TINY = BackboneConfig(img_size=8, patch_size=2, embed_dim=32, depth=3, num_heads=2, epochs=2, batch_size=128)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def test_staged_forward_equals_timm(digits):
+    torch.manual_seed(0)
+    model = create_backbone(TINY, in_chans=1, num_classes=10).eval()
+    x = to_tensor(digits.test_x[:16], 8)
+    feats = block_features(model, x)
+    assert feats.shape == (3, 16, 32)
+    with torch.no_grad():
+        assert torch.allclose(head_logits(model, feats[-1]), model(x), atol=1e-6)
+        inter = model.forward_intermediates(x, indices=3, norm=True, intermediates_only=True,
+                                            output_fmt="NLC", return_prefix_tokens=True)
+    for k, (tokens, prefix) in enumerate(inter):
+        # timm applies the final norm to the whole sequence; the CLS token is its prefix token
+        assert torch.allclose(prefix[:, 0], feats[k], atol=1e-5)
+
+
+def test_features_do_not_depend_on_batch_composition(digits):
+    torch.manual_seed(0)
+    model = create_backbone(TINY, in_chans=1, num_classes=10).eval()
+    x = to_tensor(digits.test_x[:32], 8)
+    full = block_features(model, x)
+    part = block_features(model, x[5:9])
+    assert torch.allclose(full[:, 5:9], part, atol=1e-6)
+
+
+def test_checkpoint_cache_reuses_and_rebuilds(tmp_path, digits, monkeypatch, caplog):
+    splits = make_splits(digits.train_y, len(digits.test_y), 0)
+    calls = []
+    real = bb.train_backbone
+    monkeypatch.setattr(bb, "train_backbone", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = bb.load_or_train_backbone(tmp_path, TINY, digits, splits)
+    second = bb.load_or_train_backbone(tmp_path, TINY, digits, splits)
+    assert len(calls) == 1 and first.key == second.key
+    x = to_tensor(digits.test_x[:8], 8)
+    assert torch.equal(first.model(x), second.model(x))
+    (ckpt,) = list((tmp_path / "backbones").glob("*.pt"))
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # truncated
+    third = bb.load_or_train_backbone(tmp_path, TINY, digits, splits)
+    assert len(calls) == 2 and "unusable" in caplog.text
+    assert torch.equal(third.model(x), first.model(x))  # retraining is deterministic
+    other = bb.load_or_train_backbone(tmp_path, TINY.replace(epochs=1), digits, splits)
+    assert len(calls) == 3 and other.key != first.key
+
+
+def test_feature_cache_detects_corruption_and_foreign_keys(tmp_path, digits, monkeypatch, caplog):
+    splits = make_splits(digits.train_y, len(digits.test_y), 0)
+    backbone = bb.load_or_train_backbone(tmp_path, TINY, digits, splits)
+    calls = []
+    real = F.compute_features
+    monkeypatch.setattr(F, "compute_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = F.load_or_compute_features(tmp_path, backbone, digits)
+    assert a["train"].shape == (3, len(digits.train_y), 32) and a["test"].shape == (3, len(digits.test_y), 32)
+    b = F.load_or_compute_features(tmp_path, backbone, digits)
+    assert len(calls) == 2 and torch.equal(a["test"], b["test"])  # 2 = train + test, computed once
+    path, meta = F.feature_paths(tmp_path, digits.name, backbone.key)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte
+    path.write_bytes(bytes(raw))
+    c = F.load_or_compute_features(tmp_path, backbone, digits)
+    assert len(calls) == 4 and "sha256 mismatch" in caplog.text and torch.equal(c["test"], a["test"])
+    meta.write_text(meta.read_text().replace(backbone.key, "0" * len(backbone.key)))
+    F.load_or_compute_features(tmp_path, backbone, digits)
+    assert len(calls) == 6 and "built for key" in caplog.text

@@ -1,0 +1,141 @@
+"""The command line: one real end-to-end run on digits (tiny backbone), result files that agree with each
+other, and clear exit-2 errors for user mistakes."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench import metrics as M
+from bench.cli import main
+from bench.results import DECISION_COLUMNS, METRIC_COLUMNS, read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--set", "backbone.depth=3", "--set", "backbone.embed_dim=32", "--set", "backbone.num_heads=2",
+        "--set", "backbone.epochs=3", "--set", "threshold.epochs=5", "--set", "entropy.epochs=5"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    out = base / "out"
+    rc = main(["run", "--methods", "threshold,entropy", "--seeds", "0,1", "--budgets", "0.02,0.4,0.7,1.0",
+               "--cache-dir", str(base / "cache"), "--out", str(out), *TINY])
+    assert rc == 0
+    return out
+
+
+def test_run_writes_the_contract_files(run_dir):
+    assert {p.name for p in run_dir.iterdir()} >= {"metrics.csv", "decisions.csv.gz", "run.json", "summary.md"}
+    df = read_metrics(run_dir)
+    assert list(df.columns) == METRIC_COLUMNS
+    assert set(df["method"]) == {"static", "threshold", "entropy"} and set(df["seed"]) == {0, 1}
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "complete" and run["run_id"] == df["run_id"].iloc[0]
+    assert set(run["seeds"]) == {"0", "1"} and all(len(s["split_sha256"]) == 64 for s in run["seeds"].values())
+    assert run["versions"]["torch"].startswith("2.14.1") and "command" in run and "git_sha" in run
+    for params in df["params"]:
+        assert json.loads(params) == json.loads(json.dumps(json.loads(params), sort_keys=True))
+
+
+def test_accuracy_and_ece_recompute_from_decisions(run_dir):
+    df = read_metrics(run_dir)
+    dec = pd.read_csv(run_dir / "decisions.csv.gz")
+    assert list(dec.columns) == DECISION_COLUMNS
+    overall = df[df["exit"].isna() & df["budget"].notna()]
+    checked = 0
+    for (split, seed, method, budget), g in dec.groupby(["split", "seed", "method", "budget"]):
+        row = overall[(overall.split == split) & (overall.seed == seed) & (overall.method == method)
+                      & np.isclose(overall.budget, budget)].set_index("metric")["value"]
+        correct = (g["pred"] == g["target"]).to_numpy()
+        assert row["accuracy"] == pytest.approx(correct.mean(), abs=1e-6)
+        assert row["ece"] == pytest.approx(M.ece(g["confidence"].to_numpy(), correct), abs=1e-6)
+        checked += 1
+    assert checked == 2 * 2 * 2 * 3  # splits x seeds x methods x feasible budgets
+
+
+def test_budgets_respected_and_infeasible_rows(run_dir):
+    df = read_metrics(run_dir)
+    overall = df[df["exit"].isna() & (df["method"] != "static")]
+    tiny = overall[np.isclose(overall.budget, 0.02)]
+    assert len(tiny) and tiny["value"].isna().all()
+    assert all(json.loads(p)["infeasible"] for p in tiny["params"])
+    val = overall[(overall.split == "val") & (overall.metric == "macs_rel") & overall.value.notna()]
+    assert (val["value"] <= val["budget"] + 1e-9).all()
+    assert val["value"].min() < 0.75  # early exit really saves compute
+    shares = df[(df.metric == "exit_share")].groupby(["split", "seed", "method", "budget"])["value"].sum()
+    assert np.allclose(shares, 1.0)
+
+
+def test_static_row_equals_last_exit_head(run_dir):
+    df = read_metrics(run_dir)
+    static = df[(df.method == "static") & (df.metric == "accuracy")].set_index(["split", "seed"])["value"]
+    heads = df[(df.metric == "head_accuracy") & (df.method == "threshold")]
+    last = heads[heads["exit"] == heads["exit"].max()].set_index(["split", "seed"])["value"]
+    assert np.allclose(static.sort_index(), last.sort_index())
+
+
+def test_same_command_reuses_out_and_other_config_is_refused(run_dir, capsys):
+    before = (run_dir / "metrics.csv").read_bytes()
+    rc = main(["run", "--methods", "threshold", "--out", str(run_dir), "--cache-dir", str(run_dir.parent / "cache"),
+               *TINY[:8], "--set", "threshold.epochs=5"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another configuration" in err
+    assert (run_dir / "metrics.csv").read_bytes() == before  # earlier results intact
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "threshhold"], "Did you mean 'threshold'"),
+    (["--dataset", "cifar1000"], "Unknown dataset 'cifar1000'"),
+    (["--budgets", "0.5,1.5"], "outside (0, 1]"),
+    (["--set", "threshold.epochs"], "malformed"),
+    (["--set", "threshold.nope=1"], "has no field 'nope'"),
+    (["--set", "jeidnn.lam=1"], "neither 'backbone' nor one of the methods"),
+    (["--set", "backbone.depthh=2"], "the backbone has no field 'depthh'"),
+    (["--backbone", "resnet50"], "only timm Vision Transformers"),
+    (["--device", "cuda"], "no CUDA device"),
+])
+def test_user_errors_exit_2_with_a_message(tmp_path, capsys, args, message):
+    if "cuda" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+    rc = main(["run", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "c" / "backbones").exists()  # validated before any expensive work
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--seeds", "a,b"])
+    assert e.value.code == 2 and "comma-separated list of integers" in capsys.readouterr().err
+
+
+def test_cifar100_offline_fails_fast_with_instructions(tmp_path):
+    env = {**os.environ, "BENCH_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    for extra in (["--no-download"], []):
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "bench", "run", "--methods", "threshold", "--dataset", "cifar100",
+                               "--data-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c"),
+                               "--out", str(tmp_path / "o"), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "cifar-100-python.tar.gz" in proc.stderr and "--data-dir" in proc.stderr
+        assert str(tmp_path) in proc.stderr and "Traceback" not in proc.stderr
+        assert time.time() - t0 < 60
+    assert "--no-download" in proc.stderr or "download" in proc.stderr
+
+
+def test_ls_lists_methods_and_datasets(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    for name in ("threshold", "entropy", "digits", "fashion-mnist", "cifar100-lt", "svhn"):
+        assert name in out
