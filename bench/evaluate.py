@@ -38,49 +38,64 @@ def prediction_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, floa
 def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPoint | None],
                     budgets: Sequence[float], splits: Sequence[str] = EVAL_SPLITS
                     ) -> tuple[list[dict], list[dict]]:
-    """Metric rows and per-sample decision rows for every budget on every split."""
+    """Metric rows and per-sample decision rows for every budget on every split, plus the method's native
+    operating points (budget left empty)."""
     rows: list[dict] = []
     decisions: list[dict] = []
-    static = task.macs.static
     base_params = method.params()
+    native = method.native_points(task)
     for split_name in splits:
         split = task.splits[split_name]
-        logits = method.exit_logits(split)
-        if not torch.isfinite(logits).all():
-            raise ValueError(f"method {method.name} produced NaN or infinite logits on {split_name}")
-        probs = M.softmax(logits.numpy())  # [K, N, C] float64
-        y = split.labels
         n = len(split)
-        k_exits = probs.shape[0]
-        for k in range(k_exits):  # each head on every sample: what the exit could do if everyone stopped there
+        probs_by_point: dict[str, np.ndarray] = {}
+
+        def probs_for(point: OperatingPoint | None) -> tuple[torch.Tensor, np.ndarray]:
+            logits = method.exit_logits(split, point)
+            if not torch.isfinite(logits).all():
+                raise ValueError(f"method {method.name} produced NaN or infinite logits on {split_name}")
+            key = canonical_json(None if point is None else point.params)
+            if key not in probs_by_point:
+                probs_by_point[key] = M.softmax(logits.numpy())  # [K, N, C] float64
+            return logits, probs_by_point[key]
+
+        _, probs = probs_for(None)
+        for k in range(probs.shape[0]):  # each head on every sample: what exit k could do if all stopped there
             rows.append(_row(split_name, task.seed, method.name, base_params, None, "head_accuracy",
-                             M.accuracy(probs[k].argmax(1), y), n, k))
-        for budget, point in zip(budgets, points):
+                             M.accuracy(probs[k].argmax(1), split.labels), n, k))
+        targets = split.labels if method.bound else None
+        for budget, point in [(b, p) for b, p in zip(budgets, points)] + [(None, p) for p in native]:
             if point is None:
                 params = {**base_params, "infeasible": True}
                 for metric in ("accuracy", "macs", "macs_rel", "ece"):
                     rows.append(_row(split_name, task.seed, method.name, params, budget, metric, np.nan, n))
                 continue
             params = {**base_params, **point.params, "val_macs_rel": point.val_macs_rel}
-            exit_idx = np.asarray(method.decide(logits, point))
-            p = probs[exit_idx, np.arange(n)]  # [N, C] the emitted distribution
-            macs = method.costs_[exit_idx]
-            values = {**prediction_metrics(p, y), "macs": macs.mean(), "macs_rel": macs.mean() / static}
-            for metric, value in values.items():
-                rows.append(_row(split_name, task.seed, method.name, params, budget, metric, value, n))
-            pred, conf = p.argmax(1), p.max(1)
-            for k in range(k_exits):
-                at = exit_idx == k
-                rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_share", at.mean(), n, k))
-                if at.any():
-                    rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_accuracy",
-                                     M.accuracy(pred[at], y[at]), int(at.sum()), k))
-                    rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_ece",
-                                     M.ece(conf[at], pred[at] == y[at]), int(at.sum()), k))
-            decisions.append({"split": split_name, "seed": task.seed, "method": method.name, "budget": budget,
-                              "sample_id": split.sample_ids, "exit": exit_idx, "pred": pred, "target": y,
-                              "confidence": conf})
+            logits, probs = probs_for(point)
+            exit_idx = np.asarray(method.decide(logits, point, targets))
+            r, d = _point_rows(method, task, split_name, split, probs, exit_idx, params, budget)
+            rows += r
+            decisions.append(d)
     return rows, decisions
+
+
+def _point_rows(method, task, split_name, split, probs, exit_idx, params, budget) -> tuple[list[dict], dict]:
+    n, y = len(split), split.labels
+    p = probs[exit_idx, np.arange(n)]  # [N, C] the emitted distribution
+    macs = method.costs_[exit_idx]
+    values = {**prediction_metrics(p, y), "macs": macs.mean(), "macs_rel": macs.mean() / task.macs.static}
+    rows = [_row(split_name, task.seed, method.name, params, budget, m, v, n) for m, v in values.items()]
+    pred, conf = p.argmax(1), p.max(1)
+    for k in range(probs.shape[0]):
+        at = exit_idx == k
+        rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_share", at.mean(), n, k))
+        if at.any():
+            rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_accuracy",
+                             M.accuracy(pred[at], y[at]), int(at.sum()), k))
+            rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_ece",
+                             M.ece(conf[at], pred[at] == y[at]), int(at.sum()), k))
+    decision = {"split": split_name, "seed": task.seed, "method": method.name, "budget": budget,
+                "sample_id": split.sample_ids, "exit": exit_idx, "pred": pred, "target": y, "confidence": conf}
+    return rows, decision
 
 
 def static_backbone_rows(task: Task, splits: Sequence[str] = EVAL_SPLITS) -> list[dict]:

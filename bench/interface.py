@@ -2,11 +2,16 @@
 
 Contract (DESIGN.md):
 - ``fit(task)`` learns from the train split, may use val for model selection; never test labels. Returns self.
-- ``exit_logits(split)`` -> [K, N, C]: the prediction available at each exit.
+- ``exit_logits(split, point=None)`` -> [K, N, C]: the prediction available at each exit (a method whose heads
+  depend on the operating point, like JEI-DNN's per-lambda heads, reads ``point``).
 - ``costs_`` (after fit) -> [K] cumulative MACs per image of leaving at each exit, heads and decisions included.
 - ``calibrate(task, budgets)`` -> one ``OperatingPoint`` (or None: infeasible) per budget, chosen on val.
-- ``decide(logits, point)`` -> exit index [N]; row k of any score uses exits 0..k only.
-- ``exit_now(k, logits_k, point)`` -> bool mask [N]: the streaming form, equal to ``decide``.
+- ``native_points(task)`` -> the method's own operating points (e.g. one per lambda), reported with no budget.
+- ``decide(logits, point, targets=None)`` -> exit index [N]; row k of any score uses exits 0..k only. Only a
+  bound (``bound = True``, the oracle) may read ``targets``.
+- ``exit_now(k, logits_k, point, state)`` -> (mask [N_k], state): the streaming form used by the real runner:
+  called at exit k < K-1 with the logits of the N_k samples still running; ``state`` is None at k = 0, else
+  the dict of per-sample arrays returned at k-1 with the leavers' rows removed. Must equal ``decide``.
 
 Methods are dataclasses: hyper-parameters are fields stored as given (``--set METHOD.FIELD=VALUE`` sets
 them), fitted state ends in ``_`` (scikit-learn's convention).
@@ -50,20 +55,27 @@ class NotFittedError(UserError):
 class ExitMethod:
     name: ClassVar[str] = ""
     bound: ClassVar[bool] = False  # an upper bound (reads labels), not a deployable method
+    # conformance checks this method fails by nature: {check name: the reason}
+    expected_failures: ClassVar[dict[str, str]] = {}
 
     def fit(self, task: Task) -> "ExitMethod":
         raise NotImplementedError
 
-    def exit_logits(self, split: SplitData) -> torch.Tensor:
+    def exit_logits(self, split: SplitData, point: OperatingPoint | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def calibrate(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint | None]:
         raise NotImplementedError
 
-    def decide(self, logits: torch.Tensor, point: OperatingPoint) -> np.ndarray:
+    def native_points(self, task: Task) -> list[OperatingPoint]:
+        return []
+
+    def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
+               ) -> np.ndarray:
         raise NotImplementedError
 
-    def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint) -> np.ndarray:
+    def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint, state: dict | None
+                 ) -> tuple[np.ndarray, dict]:
         raise NotImplementedError
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -111,8 +123,29 @@ class ScoreExitMethod(ExitMethod):
         return [None if r is None else OperatingPoint({"threshold": r[0], "scheme": "shared"}, r[1])
                 for r in calibrate_shared_threshold(val, costs_rel, budgets)]
 
-    def decide(self, logits: torch.Tensor, point: OperatingPoint) -> np.ndarray:
+    def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
+               ) -> np.ndarray:
         return first_exit(self.scores(logits), point.params["threshold"])
 
-    def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint) -> np.ndarray:
-        return self.scores(logits_k) >= point.params["threshold"]
+    def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint, state: dict | None
+                 ) -> tuple[np.ndarray, dict]:
+        return self.scores(logits_k) >= point.params["threshold"], {}
+
+
+def stream_decide(method: ExitMethod, logits: torch.Tensor, point: OperatingPoint) -> np.ndarray:
+    """Exit indices [N] obtained the way the real runner obtains them: exit by exit, asking ``exit_now`` about
+    the samples still running only, and compacting the survivors (and their state) after every exit."""
+    k_exits, n = logits.shape[:2]
+    exits = np.full(n, k_exits - 1, dtype=np.int64)
+    alive = np.arange(n)
+    state: dict | None = None
+    for k in range(k_exits - 1):
+        if len(alive) == 0:
+            break
+        mask, state = method.exit_now(k, logits[k, torch.from_numpy(alive)], point, state)
+        mask = np.asarray(mask, dtype=bool)
+        assert mask.shape == (len(alive),), (mask.shape, len(alive))
+        exits[alive[mask]] = k
+        alive = alive[~mask]
+        state = {key: np.asarray(v)[~mask] for key, v in (state or {}).items()}
+    return exits

@@ -102,7 +102,7 @@ class CrossEntropyHeadsMethod(ScoreExitMethod):
         self.costs_ = task.exit_costs(np.full(task.num_exits - 1, per_exit))
         return self
 
-    def exit_logits(self, split: SplitData) -> torch.Tensor:
+    def exit_logits(self, split: SplitData, point=None) -> torch.Tensor:
         """Per-exit logits [K, N, C]: the IMs, then the backbone's own head on the last feature."""
         self.check_fitted()
         with torch.no_grad():
