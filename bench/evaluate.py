@@ -11,12 +11,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from bench import conformal as CP
 from bench import metrics as M
 from bench.hashing import canonical_json
 from bench.interface import ExitMethod, OperatingPoint
 from bench.task import Task
 
 EVAL_SPLITS = ("val", "test")
+CONFORMAL_ALPHAS = (0.05, 0.1)  # fixed in advance, never chosen on test
 
 
 def _row(split, seed, method, params, budget, metric, value, n, exit=None) -> dict:
@@ -75,6 +77,8 @@ def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPo
             r, d = _point_rows(method, task, split_name, split, probs, exit_idx, params, budget)
             rows += r
             decisions.append(d)
+            if split_name == "test" and "cal" in task.splits:
+                rows += conformal_rows(method, task, point, probs, exit_idx, params, budget)
     return rows, decisions
 
 
@@ -96,6 +100,38 @@ def _point_rows(method, task, split_name, split, probs, exit_idx, params, budget
     decision = {"split": split_name, "seed": task.seed, "method": method.name, "budget": budget,
                 "sample_id": split.sample_ids, "exit": exit_idx, "pred": pred, "target": y, "confidence": conf}
     return rows, decision
+
+
+def conformal_rows(method: ExitMethod, task: Task, point: OperatingPoint, test_probs: np.ndarray,
+                   test_exits: np.ndarray, params: dict, budget) -> list[dict]:
+    """Coverage and mean set size on test, thresholds from the cal split decided by the same final model and
+    operating point; LAC and randomised APS, global and per-exit, at each alpha of CONFORMAL_ALPHAS."""
+    cal = task.splits["cal"]
+    cal_logits = method.exit_logits(cal, point)
+    cal_exits = np.asarray(method.decide(cal_logits, point, cal.labels if method.bound else None))
+    cal_p = M.softmax(cal_logits.numpy())[cal_exits, np.arange(len(cal))]
+    test = task.splits["test"]
+    test_p = test_probs[test_exits, np.arange(len(test))]
+    rng = np.random.default_rng([task.seed, 0xC0F])
+    u_cal, u_test = rng.uniform(size=len(cal)), rng.uniform(size=len(test))
+    k_exits = test_probs.shape[0]
+    rows = []
+    for score in CP.SCORES:
+        cal_scores = CP.scores_for(score, cal_p, cal.labels, u_cal)
+        for alpha in CONFORMAL_ALPHAS:
+            q_exit, fallbacks = CP.per_exit_quantiles(cal_scores, cal_exits, k_exits, alpha)
+            for scope, q in (("global", CP.conformal_quantile(cal_scores, alpha)), ("per_exit", q_exit[test_exits])):
+                sets = CP.prediction_sets(score, test_p, q, u_test)
+                covered = sets[np.arange(len(test)), test.labels]
+                cp_params = {**params, "score": score, "scope": scope, "alpha": alpha}
+                rows.append(_row("test", task.seed, method.name, cp_params, budget, "coverage", covered.mean(),
+                                 len(test)))
+                rows.append(_row("test", task.seed, method.name, cp_params, budget, "set_size",
+                                 sets.sum(1).mean(), len(test)))
+                if scope == "per_exit":
+                    rows.append(_row("test", task.seed, method.name, cp_params, budget, "conformal_fallbacks",
+                                     fallbacks, len(cal)))
+    return rows
 
 
 def static_backbone_rows(task: Task, splits: Sequence[str] = EVAL_SPLITS) -> list[dict]:

@@ -70,6 +70,16 @@ class ExitMethod:
     def native_points(self, task: Task) -> list[OperatingPoint]:
         return []
 
+    def exit_head(self, k: int, features_k: torch.Tensor, point: OperatingPoint | None = None) -> torch.Tensor:
+        """Logits [N, C] of exit k from that exit's features [N, D] alone: what the real runner evaluates.
+        This generic form places the features in slot k of an otherwise empty [K, N, D] tensor; methods with
+        cheaper direct heads override it (it must equal ``exit_logits(...)[k]``)."""
+        k_exits = len(self.costs_)
+        feats = features_k.new_zeros((k_exits, *features_k.shape))
+        feats[k] = features_k
+        n = features_k.shape[0]
+        return self.exit_logits(SplitData(feats, None, np.arange(n)), point)[k]
+
     def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
                ) -> np.ndarray:
         raise NotImplementedError

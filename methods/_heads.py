@@ -102,6 +102,12 @@ class CrossEntropyHeadsMethod(ScoreExitMethod):
         self.costs_ = task.exit_costs(np.full(task.num_exits - 1, per_exit))
         return self
 
+    def exit_head(self, k: int, features_k: torch.Tensor, point=None) -> torch.Tensor:
+        with torch.no_grad():
+            if k == len(self.costs_) - 1:
+                return features_k @ self.head_weight_.T + self.head_bias_
+            return features_k @ self.heads_.weight[k] + self.heads_.bias[k]
+
     def exit_logits(self, split: SplitData, point=None) -> torch.Tensor:
         """Per-exit logits [K, N, C]: the IMs, then the backbone's own head on the last feature."""
         self.check_fitted()
