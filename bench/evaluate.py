@@ -6,6 +6,7 @@ value, n, exit; the run-level columns (run_id, dataset, backbone) are added by t
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ EVAL_SPLITS = ("val", "test")
 CONFORMAL_ALPHAS = (0.05, 0.1)  # fixed in advance, never chosen on test
 
 
-def _row(split, seed, method, params, budget, metric, value, n, exit=None) -> dict:
+def metric_row(split, seed, method, params, budget, metric, value, n, exit=None) -> dict:
     return {"split": split, "seed": seed, "method": method, "params": canonical_json(params),
             "budget": budget, "metric": metric, "value": float(value), "n": int(n),
             "exit": exit}
@@ -62,14 +63,15 @@ def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPo
 
         _, probs = probs_for(None)
         for k in range(probs.shape[0]):  # each head on every sample: what exit k could do if all stopped there
-            rows.append(_row(split_name, task.seed, method.name, base_params, None, "head_accuracy",
-                             M.accuracy(probs[k].argmax(1), split.labels), n, k))
+            rows.append(metric_row(split_name, task.seed, method.name, base_params, None, "head_accuracy",
+                                   M.accuracy(probs[k].argmax(1), split.labels), n, k))
         targets = split.labels if method.bound else None
         for budget, point in [(b, p) for b, p in zip(budgets, points)] + [(None, p) for p in native]:
             if point is None:
                 params = {**base_params, "infeasible": True}
                 for metric in ("accuracy", "macs", "macs_rel", "ece"):
-                    rows.append(_row(split_name, task.seed, method.name, params, budget, metric, np.nan, n))
+                    rows.append(metric_row(split_name, task.seed, method.name, params, budget, metric,
+                                           np.nan, n))
                 continue
             params = {**base_params, **point.params, "val_macs_rel": point.val_macs_rel}
             logits, probs = probs_for(point)
@@ -84,19 +86,18 @@ def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPo
 
 def _point_rows(method, task, split_name, split, probs, exit_idx, params, budget) -> tuple[list[dict], dict]:
     n, y = len(split), split.labels
+    row = partial(metric_row, split_name, task.seed, method.name, params, budget)
     p = probs[exit_idx, np.arange(n)]  # [N, C] the emitted distribution
     macs = method.costs_[exit_idx]
     values = {**prediction_metrics(p, y), "macs": macs.mean(), "macs_rel": macs.mean() / task.macs.static}
-    rows = [_row(split_name, task.seed, method.name, params, budget, m, v, n) for m, v in values.items()]
+    rows = [row(m, v, n) for m, v in values.items()]
     pred, conf = p.argmax(1), p.max(1)
     for k in range(probs.shape[0]):
         at = exit_idx == k
-        rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_share", at.mean(), n, k))
+        rows.append(row("exit_share", at.mean(), n, k))
         if at.any():
-            rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_accuracy",
-                             M.accuracy(pred[at], y[at]), int(at.sum()), k))
-            rows.append(_row(split_name, task.seed, method.name, params, budget, "exit_ece",
-                             M.ece(conf[at], pred[at] == y[at]), int(at.sum()), k))
+            rows.append(row("exit_accuracy", M.accuracy(pred[at], y[at]), int(at.sum()), k))
+            rows.append(row("exit_ece", M.ece(conf[at], pred[at] == y[at]), int(at.sum()), k))
     decision = {"split": split_name, "seed": task.seed, "method": method.name, "budget": budget,
                 "sample_id": split.sample_ids, "exit": exit_idx, "pred": pred, "target": y, "confidence": conf}
     return rows, decision
@@ -111,26 +112,23 @@ def conformal_rows(method: ExitMethod, task: Task, point: OperatingPoint, test_p
     cal_exits = np.asarray(method.decide(cal_logits, point, cal.labels if method.bound else None))
     cal_p = M.softmax(cal_logits.numpy())[cal_exits, np.arange(len(cal))]
     test = task.splits["test"]
-    test_p = test_probs[test_exits, np.arange(len(test))]
+    n = len(test)
+    test_p = test_probs[test_exits, np.arange(n)]
     rng = np.random.default_rng([task.seed, 0xC0F])
-    u_cal, u_test = rng.uniform(size=len(cal)), rng.uniform(size=len(test))
-    k_exits = test_probs.shape[0]
+    u_cal, u_test = rng.uniform(size=len(cal)), rng.uniform(size=n)
     rows = []
     for score in CP.SCORES:
         cal_scores = CP.scores_for(score, cal_p, cal.labels, u_cal)
         for alpha in CONFORMAL_ALPHAS:
-            q_exit, fallbacks = CP.per_exit_quantiles(cal_scores, cal_exits, k_exits, alpha)
+            q_exit, fallbacks = CP.per_exit_quantiles(cal_scores, cal_exits, test_probs.shape[0], alpha)
             for scope, q in (("global", CP.conformal_quantile(cal_scores, alpha)), ("per_exit", q_exit[test_exits])):
                 sets = CP.prediction_sets(score, test_p, q, u_test)
-                covered = sets[np.arange(len(test)), test.labels]
-                cp_params = {**params, "score": score, "scope": scope, "alpha": alpha}
-                rows.append(_row("test", task.seed, method.name, cp_params, budget, "coverage", covered.mean(),
-                                 len(test)))
-                rows.append(_row("test", task.seed, method.name, cp_params, budget, "set_size",
-                                 sets.sum(1).mean(), len(test)))
+                row = partial(metric_row, "test", task.seed, method.name,
+                              {**params, "score": score, "scope": scope, "alpha": alpha}, budget)
+                rows.append(row("coverage", sets[np.arange(n), test.labels].mean(), n))
+                rows.append(row("set_size", sets.sum(1).mean(), n))
                 if scope == "per_exit":
-                    rows.append(_row("test", task.seed, method.name, cp_params, budget, "conformal_fallbacks",
-                                     fallbacks, len(cal)))
+                    rows.append(row("conformal_fallbacks", fallbacks, len(cal)))
     return rows
 
 
@@ -141,5 +139,6 @@ def static_backbone_rows(task: Task, splits: Sequence[str] = EVAL_SPLITS) -> lis
         split = task.splits[split_name]
         probs = M.softmax(task.final_logits(split).numpy())
         values = {**prediction_metrics(probs, split.labels), "macs": task.macs.static, "macs_rel": 1.0}
-        rows += [_row(split_name, task.seed, "static", {}, None, m, v, len(split)) for m, v in values.items()]
+        rows += [metric_row(split_name, task.seed, "static", {}, None, m, v, len(split))
+                 for m, v in values.items()]
     return rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from bench.backbone import BackboneConfig, default_config, load_or_train_backbone
 from bench.errors import UserError
-from bench.evaluate import evaluate_method, static_backbone_rows
+from bench.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.features import load_or_compute_features
 from bench.flops import analytic_vit_macs, fvcore_vit_macs
 from bench.hashing import atomic_write_text, config_hash
@@ -52,6 +53,8 @@ class RunConfig:
     cache_dir: str | None = None
     out: str | None = None
     download: bool = True
+    timing: bool = False  # time real early exit on test (latency, throughput, wall_rel) per budget
+    timing_batch: int = 256
 
     def backbone_config(self) -> BackboneConfig:
         cfg = default_config(self.dataset)
@@ -174,6 +177,26 @@ def count_macs(model):
     return counted
 
 
+def timing_rows(method, task: Task, points, cfg: RunConfig, backbone, dataset) -> list[dict]:
+    """Wall-clock of the real early-exit runner on test images per budget (see bench.runner), with the
+    static backbone timed on the same device, batch and inputs as the denominator."""
+    from bench.runner import timing_metrics
+
+    rows = []
+    device = (torch.cuda.get_device_name(0) if cfg.device.startswith("cuda")
+              else platform.processor() or platform.machine())
+    for budget, point in zip(cfg.budgets, points):
+        if point is None:
+            continue
+        values = timing_metrics(backbone.model, method, point, dataset.test_x, backbone.config.img_size,
+                                cfg.device, cfg.timing_batch)
+        params = {**method.params(), **point.params, "val_macs_rel": point.val_macs_rel,
+                  "device": device, "torch": torch.__version__, "timing_batch": cfg.timing_batch}
+        rows += [metric_row("test", task.seed, method.name, params, budget, m, v, cfg.timing_batch)
+                 for m, v in values.items()]
+    return rows
+
+
 def execute(cfg: RunConfig, log=print) -> Path:
     """Run the whole job; returns the output directory. Raises UserError for user mistakes."""
     validate(cfg)
@@ -208,6 +231,8 @@ def execute(cfg: RunConfig, log=print) -> Path:
             r, d = evaluate_method(method, task, points, cfg.budgets)
             rows += r
             decisions += d
+            if cfg.timing and not method.bound:
+                rows += timing_rows(method, task, points, cfg, backbone, dataset)
             log(f"seed {seed}: {name} fitted and evaluated at {len(cfg.budgets)} budgets")
     df = metrics_frame(rows, cfg.run_id, dataset.name, describe_backbone(bcfg))
     summary = summary_table(df)
