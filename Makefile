@@ -19,5 +19,8 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
 
+bench-perf: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest tests/benchmarks -m perf -s --benchmark-columns=min,median,max
+
 clean-venv:
 	rm -rf $(VENV)

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,6 +202,7 @@ def train_backbone(cfg: BackboneConfig, train_x: np.ndarray, train_y: np.ndarray
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     best = (-1.0, -1, None)
     history: list[dict] = []
+    t0 = time.perf_counter()
     step = 0
     bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
@@ -219,7 +221,8 @@ def train_backbone(cfg: BackboneConfig, train_x: np.ndarray, train_y: np.ndarray
             loss_sum += loss.item() * len(idx)
             step += 1
         val_acc = (predict_logits(model, val_x, cfg, device).argmax(1).numpy() == val_y).mean().item()
-        history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), "val_accuracy": val_acc})
+        history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), "val_accuracy": val_acc,
+                        "seconds": round(time.perf_counter() - t0, 1)})
         if val_acc > best[0]:
             best = (val_acc, epoch, copy.deepcopy(model.state_dict()))
         bar.set_postfix(loss=f"{loss_sum / len(perm):.3f}", val_acc=f"{val_acc:.3f}", best=f"{best[0]:.3f}")

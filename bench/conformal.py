@@ -26,28 +26,34 @@ def _sorted_cumsum(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return before, order
 
 
-def scores_for(kind: str, probs: np.ndarray, targets: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
-    """Non-conformity score of the true class [N]: LAC 1 - p_y; APS (mass ranked before y) + u * p_y."""
-    probs, idx = np.asarray(probs, dtype=np.float64), np.arange(len(targets))
+def class_scores(kind: str, probs: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
+    """The non-conformity score every class would have [N, C]: LAC 1 - p_c; APS (mass ranked before c) +
+    u * p_c. A prediction set is {c : score_c <= threshold}; the calibration score is the true class's."""
+    probs = np.asarray(probs, dtype=np.float64)
     if kind == "lac":
-        return 1.0 - probs[idx, targets]
+        return 1.0 - probs
     if kind == "aps":
+        if u is None:
+            raise ValueError("APS needs uniform draws u [N] for its randomisation")
         before, _ = _sorted_cumsum(probs)
-        return before[idx, targets] + u * probs[idx, targets]
+        return before + np.asarray(u)[:, None] * probs
     raise ValueError(f"unknown conformal score {kind!r}; use one of {SCORES}")
+
+
+def scores_for(kind: str, probs: np.ndarray, targets: np.ndarray, u: np.ndarray | None = None) -> np.ndarray:
+    """Non-conformity score of the true class [N]."""
+    return class_scores(kind, probs, u)[np.arange(len(targets)), targets]
 
 
 def prediction_sets(kind: str, probs: np.ndarray, qhat: np.ndarray | float, u: np.ndarray | None = None
                     ) -> np.ndarray:
-    """Boolean sets [N, C]: every class whose score would be <= the sample's threshold ``qhat`` ([N] or scalar)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    q = np.broadcast_to(np.asarray(qhat, dtype=np.float64), (len(probs),))[:, None]
-    if kind == "lac":
-        return 1.0 - probs <= q
-    if kind == "aps":
-        before, _ = _sorted_cumsum(probs)
-        return before + u[:, None] * probs <= q
-    raise ValueError(f"unknown conformal score {kind!r}; use one of {SCORES}")
+    """Boolean sets [N, C]: every class whose score is <= the sample's threshold ``qhat`` ([N] or scalar)."""
+    return sets_from_scores(class_scores(kind, probs, u), qhat)
+
+
+def sets_from_scores(scores: np.ndarray, qhat: np.ndarray | float) -> np.ndarray:
+    q = np.broadcast_to(np.asarray(qhat, dtype=np.float64), (len(scores),))[:, None]
+    return scores <= q
 
 
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:

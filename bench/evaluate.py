@@ -38,6 +38,24 @@ def prediction_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, floa
             "brier": M.brier(probs, targets), "auroc_misclassification": M.auroc_misclassification(conf, correct)}
 
 
+class _Outputs:
+    """Per-exit logits and float64 softmax per (split, operating point), computed once per evaluation; a
+    method whose logits do not depend on the point (``logits_depend_on_point = False``) shares one copy."""
+
+    def __init__(self, method: ExitMethod, task: Task):
+        self.method, self.task, self._cache = method, task, {}
+
+    def __call__(self, split_name: str, point: OperatingPoint | None) -> tuple[torch.Tensor, np.ndarray]:
+        per_point = point is not None and self.method.logits_depend_on_point
+        key = (split_name, canonical_json(point.params) if per_point else None)
+        if key not in self._cache:
+            logits = self.method.exit_logits(self.task.splits[split_name], point)
+            if not torch.isfinite(logits).all():
+                raise ValueError(f"method {self.method.name} produced NaN or infinite logits on {split_name}")
+            self._cache[key] = (logits, M.softmax(logits.numpy()))  # [K, N, C], float64 probabilities
+        return self._cache[key]
+
+
 def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPoint | None],
                     budgets: Sequence[float], splits: Sequence[str] = EVAL_SPLITS
                     ) -> tuple[list[dict], list[dict]]:
@@ -47,21 +65,11 @@ def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPo
     decisions: list[dict] = []
     base_params = method.params()
     native = method.native_points(task)
+    outputs = _Outputs(method, task)
     for split_name in splits:
         split = task.splits[split_name]
         n = len(split)
-        probs_by_point: dict[str, np.ndarray] = {}
-
-        def probs_for(point: OperatingPoint | None) -> tuple[torch.Tensor, np.ndarray]:
-            logits = method.exit_logits(split, point)
-            if not torch.isfinite(logits).all():
-                raise ValueError(f"method {method.name} produced NaN or infinite logits on {split_name}")
-            key = canonical_json(None if point is None else point.params)
-            if key not in probs_by_point:
-                probs_by_point[key] = M.softmax(logits.numpy())  # [K, N, C] float64
-            return logits, probs_by_point[key]
-
-        _, probs = probs_for(None)
+        _, probs = outputs(split_name, None)
         for k in range(probs.shape[0]):  # each head on every sample: what exit k could do if all stopped there
             rows.append(metric_row(split_name, task.seed, method.name, base_params, None, "head_accuracy",
                                    M.accuracy(probs[k].argmax(1), split.labels), n, k))
@@ -74,13 +82,13 @@ def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPo
                                            np.nan, n))
                 continue
             params = {**base_params, **point.params, "val_macs_rel": point.val_macs_rel}
-            logits, probs = probs_for(point)
+            logits, probs = outputs(split_name, point)
             exit_idx = np.asarray(method.decide(logits, point, targets))
             r, d = _point_rows(method, task, split_name, split, probs, exit_idx, params, budget)
             rows += r
             decisions.append(d)
             if split_name == "test" and "cal" in task.splits:
-                rows += conformal_rows(method, task, point, probs, exit_idx, params, budget)
+                rows += conformal_rows(method, task, point, outputs, probs, exit_idx, params, budget)
     return rows, decisions
 
 
@@ -103,14 +111,14 @@ def _point_rows(method, task, split_name, split, probs, exit_idx, params, budget
     return rows, decision
 
 
-def conformal_rows(method: ExitMethod, task: Task, point: OperatingPoint, test_probs: np.ndarray,
-                   test_exits: np.ndarray, params: dict, budget) -> list[dict]:
+def conformal_rows(method: ExitMethod, task: Task, point: OperatingPoint, outputs: _Outputs,
+                   test_probs: np.ndarray, test_exits: np.ndarray, params: dict, budget) -> list[dict]:
     """Coverage and mean set size on test, thresholds from the cal split decided by the same final model and
     operating point; LAC and randomised APS, global and per-exit, at each alpha of CONFORMAL_ALPHAS."""
     cal = task.splits["cal"]
-    cal_logits = method.exit_logits(cal, point)
+    cal_logits, cal_probs = outputs("cal", point)
     cal_exits = np.asarray(method.decide(cal_logits, point, cal.labels if method.bound else None))
-    cal_p = M.softmax(cal_logits.numpy())[cal_exits, np.arange(len(cal))]
+    cal_p = cal_probs[cal_exits, np.arange(len(cal))]
     test = task.splits["test"]
     n = len(test)
     test_p = test_probs[test_exits, np.arange(n)]
@@ -119,10 +127,11 @@ def conformal_rows(method: ExitMethod, task: Task, point: OperatingPoint, test_p
     rows = []
     for score in CP.SCORES:
         cal_scores = CP.scores_for(score, cal_p, cal.labels, u_cal)
+        test_scores = CP.class_scores(score, test_p, u_test)  # [N, C], shared by every alpha and scope
         for alpha in CONFORMAL_ALPHAS:
             q_exit, fallbacks = CP.per_exit_quantiles(cal_scores, cal_exits, test_probs.shape[0], alpha)
             for scope, q in (("global", CP.conformal_quantile(cal_scores, alpha)), ("per_exit", q_exit[test_exits])):
-                sets = CP.prediction_sets(score, test_p, q, u_test)
+                sets = CP.sets_from_scores(test_scores, q)
                 row = partial(metric_row, "test", task.seed, method.name,
                               {**params, "score": score, "scope": scope, "alpha": alpha}, budget)
                 rows.append(row("coverage", sets[np.arange(n), test.labels].mean(), n))

@@ -57,6 +57,8 @@ class ExitMethod:
     bound: ClassVar[bool] = False  # an upper bound (reads labels), not a deployable method
     # conformance checks this method fails by nature: {check name: the reason}
     expected_failures: ClassVar[dict[str, str]] = {}
+    # True when exit_logits(split, point) differs between operating points (e.g. JEI-DNN's per-lambda heads)
+    logits_depend_on_point: ClassVar[bool] = False
 
     def fit(self, task: Task) -> "ExitMethod":
         raise NotImplementedError
@@ -124,7 +126,18 @@ class ScoreExitMethod(ExitMethod):
         raise NotImplementedError
 
     def scores(self, logits: torch.Tensor) -> np.ndarray:
-        return self.score(logits.double()).numpy()
+        """Scores [K, N] (or [N] for one exit's logits), memoised for the last few logits tensors seen (by
+        identity), since the harness decides many operating points on the same outputs of a few splits."""
+        memo = self.__dict__.setdefault("_scores_memo", [])
+        for seen, scores in memo:
+            if seen is logits:
+                return scores
+        scores = self.score(logits.double()).numpy()
+        memo[:] = [*memo[-3:], (logits, scores)]
+        return scores
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_scores_memo"}
 
     def calibrate(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint | None]:
         self.check_fitted()

@@ -222,6 +222,8 @@ def execute(cfg: RunConfig, log=print) -> Path:
         task = build_task(dataset, splits, backbone, feats, count_macs(backbone.model.cpu()))
         seeds_info[seed] = {"split_sha256": splits.sha256, "backbone_key": backbone.key,
                             "backbone_val_accuracy": backbone.val_accuracy, "backbone_best_epoch": backbone.best_epoch,
+                            "backbone_train_seconds": (backbone.history[-1].get("seconds")
+                                                       if backbone.history else None),
                             "static_macs": task.macs.static,
                             "split_sizes": {k: int(len(splits[k])) for k in ("train", "val", "cal", "test")}}
         rows += static_backbone_rows(task)
