@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-download", dest="download", action="store_false", help="never download data")
 
     sub.add_parser("ls", help="list methods, datasets and backbones")
+
+    c = sub.add_parser("check", help="run the conformance suite on methods (a small synthetic task)")
+    c.add_argument("methods", nargs="+", metavar="METHOD", help="registered method names, or `all`")
     return p
 
 
@@ -104,12 +107,31 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    import methods  # noqa: F401
+    from bench.conformance import default_task, run_checks
+    from bench.interface import METHODS
+
+    names = METHODS.names() if "all" in args.methods else list(dict.fromkeys(args.methods))
+    for name in names:
+        METHODS.get(name)  # unknown names fail before any work, with "did you mean"
+    task = default_task()
+    bad = 0
+    for name in names:
+        results = run_checks(name, task)
+        print(f"== {name}: {sum(r.seconds for r in results):.1f} s", flush=True)
+        for r in results:
+            print(f"{r.status:<5}  {r.name:<24}  {r.message}".rstrip(), flush=True)
+        bad += sum(r.status in ("FAIL", "XPASS") for r in results)
+    return 1 if bad else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     os.environ.setdefault("PYTHONHASHSEED", "0")
     try:
-        return {"run": cmd_run, "ls": cmd_ls}[args.command](args)
+        return {"run": cmd_run, "ls": cmd_ls, "check": cmd_check}[args.command](args)
     except UserError as e:
         if args.debug:
             raise

@@ -95,6 +95,21 @@ class ExitMethod:
         if not hasattr(self, "costs_"):
             raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit(task) first.")
 
+    def check_logits(self, logits: torch.Tensor, who: str = "decide") -> None:
+        """Per-exit logits must be a tensor [K, N, C] with K = this method's number of exits."""
+        self.check_fitted()
+        k = len(self.costs_)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[0] != k:
+            shape = tuple(logits.shape) if hasattr(logits, "shape") else type(logits).__name__
+            raise ValueError(f"{self.name}.{who}: expected per-exit logits of shape [K={k}, N, C], got {shape}.")
+
+    @staticmethod
+    def check_exit_logits(logits_k: torch.Tensor, who: str = "exit_now") -> None:
+        """One exit's logits must be a tensor [N_k, C]."""
+        if not isinstance(logits_k, torch.Tensor) or logits_k.ndim != 2:
+            raise ValueError(f"{who}: expected one exit's logits of shape [N_k, C], got "
+                             f"{tuple(getattr(logits_k, 'shape', ())) or type(logits_k).__name__}.")
+
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -148,10 +163,12 @@ class ScoreExitMethod(ExitMethod):
 
     def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
                ) -> np.ndarray:
+        self.check_logits(logits)
         return first_exit(self.scores(logits), point.params["threshold"])
 
     def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint, state: dict | None
                  ) -> tuple[np.ndarray, dict]:
+        self.check_exit_logits(logits_k, f"{self.name}.exit_now")
         return self.scores(logits_k) >= point.params["threshold"], {}
 
 

@@ -8,6 +8,15 @@ import pandas as pd
 SUMMARY_METRICS = ("accuracy", "macs_rel", "ece")
 
 
+def method_label(method: str) -> str:
+    """Table label: bounds (methods that read labels, like the oracle) are marked as such."""
+    from bench.interface import METHODS
+
+    if method == "static":
+        return "static backbone"
+    return f"{method} (upper bound)" if method in METHODS and METHODS.get(method).bound else method
+
+
 def _cell(values: pd.Series, digits: int) -> str:
     v = values.to_numpy(dtype=float)
     if np.isnan(v).all():
@@ -21,6 +30,8 @@ def summary_table(df: pd.DataFrame, split: str = "test") -> str:
     """Markdown table: one row per dataset x method x budget (plus the static backbone), columns
     accuracy / realised macs_rel / ECE over the seeds."""
     d = df[(df["split"] == split) & df["exit"].isna() & df["metric"].isin(SUMMARY_METRICS)].copy()
+    # budget rows and the static backbone; a method's native points (empty budget) are listed elsewhere
+    d = d[d["budget"].notna() | (d["method"] == "static")]
     d["budget_key"] = d["budget"].fillna(-1.0)
     lines = [f"| dataset | method | budget | accuracy | macs_rel ({split}) | ECE | seeds |",
              "|---|---|---|---|---|---|---|"]
@@ -28,7 +39,7 @@ def summary_table(df: pd.DataFrame, split: str = "test") -> str:
         cells = {m: _cell(g[g["metric"] == m].sort_values("seed")["value"], 4 if m != "macs_rel" else 3)
                  for m in SUMMARY_METRICS}
         label = "—" if budget < 0 else f"{budget:g}"
-        name = "static backbone" if method == "static" else method
+        name = method_label(method)
         lines.append(f"| {dataset} | {name} | {label} | {cells['accuracy']} | {cells['macs_rel']} | "
                      f"{cells['ece']} | {g['seed'].nunique()} |")
     return "\n".join(lines)
