@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="torch threads per job")
     r.add_argument("--pretrained", action="store_true", help="fine-tune timm's pretrained weights")
     r.add_argument("--no-download", dest="download", action="store_false", help="never download data")
+    r.add_argument("--timing", action="store_true",
+                   help="time real early exit on test: latency_ms (batch 1), throughput and wall_rel per budget")
+    r.add_argument("--timing-batch", type=int, default=256, help="batch size of the throughput timing (256)")
 
     sub.add_parser("ls", help="list methods, datasets and backbones")
 
@@ -82,7 +85,8 @@ def cmd_run(args) -> int:
     cfg = RunConfig(methods=args.methods, dataset=args.dataset, backbone=args.backbone, seeds=args.seeds,
                     budgets=args.budgets or list(DEFAULT_BUDGETS), overrides=parse_set(args.overrides),
                     pretrained=args.pretrained, device=args.device, threads=args.threads,
-                    data_dir=args.data_dir, cache_dir=args.cache_dir, out=args.out, download=args.download)
+                    data_dir=args.data_dir, cache_dir=args.cache_dir, out=args.out, download=args.download,
+                    timing=args.timing, timing_batch=args.timing_batch)
     execute(cfg)
     return 0
 

@@ -108,6 +108,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--device {cfg.device!r}: use cpu or cuda.")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA device here; use --device cpu.")
+    if cfg.timing_batch < 1:
+        raise UserError(f"--timing-batch {cfg.timing_batch}: give a positive batch size.")
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads {cfg.threads}: give a positive number of threads.")
     bcfg = cfg.backbone_config()

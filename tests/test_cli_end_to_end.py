@@ -134,6 +134,29 @@ def test_cifar100_offline_fails_fast_with_instructions(tmp_path):
     assert "--no-download" in proc.stderr or "download" in proc.stderr
 
 
+def test_conformal_rows_for_every_feasible_budget(run_dir):
+    df = read_metrics(run_dir)
+    cov = df[(df.metric == "coverage") & (df.method == "threshold")]
+    params = cov["params"].map(json.loads)
+    combos = {(p["score"], p["scope"], p["alpha"]) for p in params}
+    assert combos == {(s, sc, a) for s in ("lac", "aps") for sc in ("global", "per_exit") for a in (0.05, 0.1)}
+    assert len(cov) == 2 * 3 * 8  # seeds x feasible budgets x (score, scope, alpha)
+    assert (cov["value"] > 0.75).all()  # 360 test samples: coverage sits near its nominal 0.9-0.95
+    size = df[(df.metric == "set_size") & (df.method == "threshold")]["value"]
+    assert (size >= 0.5).all() and (size <= 10).all()
+
+
+def test_timing_rows(tmp_path):
+    rc = main(["run", "--methods", "threshold", "--budgets", "0.5,1.0", "--timing", "--timing-batch", "64",
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), *TINY[:10]])
+    assert rc == 0
+    df = read_metrics(tmp_path / "out")
+    t = df[df.metric.isin(["latency_ms", "latency_ms_p90", "throughput", "wall_rel"])]
+    assert len(t) == 2 * 4 and (t["value"] > 0).all() and (t["split"] == "test").all()
+    p = json.loads(t["params"].iloc[0])
+    assert p["timing_batch"] == 64 and p["torch"].startswith("2.14.1") and p["device"]
+
+
 def test_ls_lists_methods_and_datasets(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
