@@ -258,7 +258,7 @@ def check_no_label_peeking(method_factory: MethodFactory, task: Task) -> None:
                                        f"differ: {_diff(g, ref)}"
 
 
-def _scramble(logits: torch.Tensor, exits: np.ndarray, how: int) -> torch.Tensor:
+def scramble_after_exit(logits: torch.Tensor, exits: np.ndarray, how: int = 0) -> torch.Tensor:
     """Replace every exit after each sample's chosen exit: how 0 = loud noise, 1 = another sample's logits."""
     k, n = logits.shape[:2]
     later = torch.from_numpy(np.arange(k)[:, None] > exits[None, :])  # [K, N]
@@ -279,7 +279,7 @@ def check_causality(method_factory: MethodFactory, task: Task) -> None:
         logits = m.exit_logits(test, p)
         exits = _decide(m, test, p, label, logits)
         for how, what in ((0, "noise"), (1, "another sample's logits")):
-            again = _decide(m, test, p, label, _scramble(logits, exits, how))
+            again = _decide(m, test, p, label, scramble_after_exit(logits, exits, how))
             assert np.array_equal(again, exits), \
                 f"{label}: replacing the exits after the chosen one with {what} changed decisions: " \
                 f"{_diff(again, exits)}"

@@ -19,7 +19,12 @@ def config_hash(obj: Any, length: int = 16) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: str | os.PathLike, algorithm: str) -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench.errors import UserError
-from bench.hashing import atomic_write
+from bench.hashing import atomic_write, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,7 @@ SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
 
 
 def md5_file(path: str | os.PathLike) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def md5_bytes(data: bytes) -> str:
