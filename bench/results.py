@@ -16,12 +16,15 @@ import pandas as pd
 from bench.hashing import atomic_write, atomic_write_text
 
 METRIC_COLUMNS = ["run_id", "dataset", "split", "seed", "backbone", "method", "params", "budget", "metric",
-                  "value", "n", "exit"]
+                  "value", "n", "exit", "split_sha256"]
 DECISION_COLUMNS = ["split", "seed", "method", "budget", "sample_id", "exit", "pred", "target", "confidence"]
 
 
-def metrics_frame(rows: list[dict], run_id: str, dataset: str, backbone: str) -> pd.DataFrame:
+def metrics_frame(rows: list[dict], run_id: str, dataset: str, backbone: str,
+                  split_sha256: dict[int, str]) -> pd.DataFrame:
+    """The tidy table; ``split_sha256`` maps each seed to the hash of its splits, recorded on every row."""
     df = pd.DataFrame(rows)
+    df["split_sha256"] = df["seed"].map(split_sha256)
     df.insert(0, "run_id", run_id)
     df.insert(1, "dataset", dataset)
     df.insert(4, "backbone", backbone)

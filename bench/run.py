@@ -238,7 +238,8 @@ def execute(cfg: RunConfig, log=print) -> Path:
             if cfg.timing and not method.bound:
                 rows += timing_rows(method, task, points, cfg, backbone, dataset)
             log(f"seed {seed}: {name} fitted and evaluated at {len(cfg.budgets)} budgets")
-    df = metrics_frame(rows, cfg.run_id, dataset.name, describe_backbone(bcfg))
+    df = metrics_frame(rows, cfg.run_id, dataset.name, describe_backbone(bcfg),
+                       {seed: info["split_sha256"] for seed, info in seeds_info.items()})
     summary = summary_table(df)
     write_csv(decisions_frame(decisions), out / "decisions.csv.gz")
     write_csv(df, out / "metrics.csv")

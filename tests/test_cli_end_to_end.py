@@ -38,6 +38,8 @@ def test_run_writes_the_contract_files(run_dir):
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "complete" and run["run_id"] == df["run_id"].iloc[0]
     assert set(run["seeds"]) == {"0", "1"} and all(len(s["split_sha256"]) == 64 for s in run["seeds"].values())
+    for seed, info in run["seeds"].items():  # every row records the hash of its seed's splits
+        assert set(df[df["seed"] == int(seed)]["split_sha256"]) == {info["split_sha256"]}
     assert run["versions"]["torch"].startswith("2.14.1") and "command" in run and "git_sha" in run
     for params in df["params"]:
         assert json.loads(params) == json.loads(json.dumps(json.loads(params), sort_keys=True))

@@ -111,3 +111,34 @@ def test_real_early_exit_cuda_vit12():
     print(f"\n{torch.cuda.get_device_name(0)} batch 256: macs_rel {macs_rel:.3f}, wall_rel {ee / static:.3f}, "
           f"{flips} flipped decisions of 256")
     assert flips <= 3  # TF32/cuBLAS reductions differ from CPU float32; a handful of near-threshold flips
+
+
+@pytest.mark.perf
+def test_feature_cache_vs_backbone_per_batch_jeidnn_epoch(benchmark):
+    """One JEI-DNN training epoch (heads and gates, all ten lambdas jointly) on cached features, against the
+    same epoch with the frozen 12-block backbone run for every mini-batch. The head/gate work is identical in
+    both; the second adds one no-grad backbone pass over the epoch's images, timed on the same images with
+    JEI-DNN's batch size. Target: the cache is >= 20x faster."""
+    from bench.backbone import block_features, to_tensor
+
+    model = vit12()
+    task, x_uint8 = image_task(model, n_fit=2048, n_test=64)
+    train_x = x_uint8[:2048]
+    jei = create_method("jeidnn", {"epochs": 1, "warmup_epochs": 1})
+
+    t_cache = benchmark.pedantic(lambda: jei.fit(task), rounds=3, warmup_rounds=1)
+    t_cache = benchmark.stats.stats.median  # warm-up epoch + one joint epoch, from the cache
+    batch = jei.batch_size
+
+    def backbone_pass():
+        with torch.no_grad():
+            for i in range(0, len(train_x), batch):
+                block_features(model, to_tensor(train_x[i:i + batch], 32))
+
+    t_backbone = np.median(time_call(backbone_pass, "cpu", repeats=2, warmup=0))
+    # the training above runs the backbone twice over the train split (warm-up epoch and joint epoch)
+    speedup = (t_cache + 2 * t_backbone) / t_cache
+    print(f"\nJEI-DNN, 2048 train images, 12-block ViT, CPU {torch.get_num_threads()} threads: from cache "
+          f"{t_cache:.2f} s (warm-up + 1 joint epoch, 10 lambdas); backbone pass per epoch {t_backbone:.2f} s; "
+          f"speed-up {speedup:.0f}x")
+    assert speedup > 1
