@@ -89,15 +89,15 @@ def create_backbone(cfg: BackboneConfig, in_chans: int, num_classes: int, load_w
                       mlp_ratio=cfg.mlp_ratio, num_classes=num_classes)
     try:
         return timm.create_model(cfg.model, pretrained=cfg.pretrained and load_weights, **kwargs)
-    except RuntimeError as e:  # timm raises RuntimeError for unknown model names
-        raise UserError(f"Could not create backbone {cfg.model!r}: {e}. `python -m bench ls` lists backbones.")
-    except Exception as e:  # hub lookups fail with many exception types offline
-        if cfg.pretrained:
+    except Exception as e:  # unknown names, inconsistent sizes, unreachable hub: all fixable by the user
+        if cfg.pretrained and load_weights:
             raise UserError(
                 f"Pretrained weights for {cfg.model!r} could not be loaded ({type(e).__name__}: {e}). They come "
                 "from the Hugging Face hub: connect to the network, put them in the HF cache "
                 "(HF_HOME), or drop --pretrained to train from scratch.") from None
-        raise
+        raise UserError(f"Could not build backbone {cfg.model!r} with {kwargs} ({type(e).__name__}: {e}). Check "
+                        "--backbone and the --set backbone.FIELD values (e.g. embed_dim must be divisible by "
+                        "num_heads, img_size by patch_size).") from None
 
 
 def list_backbones() -> list[str]:

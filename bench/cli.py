@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from typing import Any, Sequence
 
@@ -104,7 +103,8 @@ def cmd_ls(args) -> int:
     print("datasets:")
     for name in list_datasets():
         c = DATASET_DEFAULTS.get(name)
-        extra = f"default backbone: ViT img {c.img_size}, patch {c.patch_size}, width {c.embed_dim}, depth {c.depth}" if c else ""
+        extra = (f"default backbone: ViT img {c.img_size}, patch {c.patch_size}, width {c.embed_dim}, "
+                 f"depth {c.depth}") if c else ""
         print(f"  {name:14s} {extra}")
     print("backbones: any timm Vision Transformer (`--backbone vit_small_patch16_224`, ...); architecture fields "
           "are set with --set backbone.FIELD=VALUE (img_size, patch_size, embed_dim, depth, num_heads, epochs, ...)")
@@ -133,7 +133,6 @@ def cmd_check(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    os.environ.setdefault("PYTHONHASHSEED", "0")
     try:
         return {"run": cmd_run, "ls": cmd_ls, "check": cmd_check}[args.command](args)
     except UserError as e:

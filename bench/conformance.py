@@ -11,8 +11,8 @@ Checks run over a sweep of budgets ``BUDGETS`` plus the method's native points, 
 harder ``synthetic_task``) by default, and decide exactly as the harness does (``bench.evaluate``):
 ``exit_logits(split, point)``, then ``decide(logits, point, targets)`` with targets only for a bound. A method
 fitted once (by the contract check, or by ``_fitted``) is shared by the checks that only read it; the checks
-about fitting itself (label peeking, determinism) make their own fits (determinism on a task copy with a new ``key``, so that no memo keyed on the task
-hides a second training).
+about fitting itself (label peeking, determinism) make their own fits (determinism on a task copy with a new
+``key``, so that no memo keyed on the task hides a second training).
 """
 from __future__ import annotations
 

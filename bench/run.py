@@ -7,6 +7,7 @@ logits [K, N, C] + exit decisions per budget -> metric rows / decision rows -> f
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.backbone import BackboneConfig, default_config, load_or_train_backbone
+from bench.backbone import BackboneConfig, create_backbone, default_config, load_or_train_backbone
 from bench.errors import UserError
 from bench.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.features import load_or_compute_features
@@ -45,7 +46,8 @@ class RunConfig:
     backbone: str | None = None  # timm model name; None: the dataset's default
     seeds: list[int] = field(default_factory=lambda: [0])
     budgets: list[float] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"threshold": {"epochs": 5}, "backbone": {...}}
+    # {"threshold": {"epochs": 5}, "backbone": {"depth": 4}}: from --set METHOD.FIELD=VALUE
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     pretrained: bool = False
     device: str = "cpu"
     threads: int | None = None
@@ -108,6 +110,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--device {cfg.device!r}: use cpu or cuda.")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA device here; use --device cpu.")
+    if any(seed < 0 for seed in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise UserError(f"--seeds {','.join(map(str, cfg.seeds))}: give distinct non-negative integers, e.g. 0,1,2.")
     if cfg.timing_batch < 1:
         raise UserError(f"--timing-batch {cfg.timing_batch}: give a positive batch size.")
     if cfg.threads is not None and cfg.threads < 1:
@@ -121,6 +125,7 @@ def validate(cfg: RunConfig) -> None:
 
         if not timm.is_model(bcfg.model):
             raise UserError(unknown_name_message("backbone", bcfg.model, timm.list_models("vit_*")))
+    create_backbone(bcfg, in_chans=1, num_classes=2, load_weights=False)  # inconsistent sizes fail here
     for m in cfg.methods:
         create_method(m, cfg.overrides.get(m))  # unknown fields fail here
 
@@ -131,8 +136,6 @@ def prepare_out(cfg: RunConfig) -> Path:
         raise UserError(f"--out {out} exists and is not a directory; choose another path.")
     run_json = out / "run.json"
     if run_json.exists():
-        import json
-
         try:
             other = json.loads(run_json.read_text()).get("run_id")
         except ValueError:

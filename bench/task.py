@@ -90,5 +90,6 @@ def synthetic_task(num_exits: int = 4, n: int = 400, dim: int = 16, num_classes:
     b = -0.5 * (w * torch.tensor(means, dtype=torch.float32)).sum(1) / noise
     per_block = 1000 * dim
     macs = ViTMacs(embed=100 * dim, blocks=tuple([per_block] * num_exits), head=dim * num_classes)
-    return Task("synthetic", seed, num_classes, splits, w, b, macs, key=f"synthetic-{seed}-{n}-{num_exits}-{dim}-{num_classes}-{noise}",
-                split_sha256="synthetic", backbone="synthetic")
+    key = f"synthetic-{seed}-{n}-{num_exits}-{dim}-{num_classes}-{noise}"
+    return Task("synthetic", seed, num_classes, splits, w, b, macs, key=key, split_sha256="synthetic",
+                backbone="synthetic")
