@@ -2,7 +2,7 @@
 
 Method card
 - Paper: Regol, Chataoui, Coates, "Jointly-Learned Exit and Inference for a Dynamic Neural Network", ICLR 2024
-  (arXiv 2310.09163); official code github.com/networkslab/dynn. Read with /work/shared/reference/jeidnn.md.
+  (arXiv 2310.09163); official code github.com/networkslab/dynn.
 - Trains, on the frozen backbone's cached exit features:
   * IMs: one ``Linear(D, C)`` per intermediate exit 0..K-2; the backbone's own head is the last exit (frozen).
   * Gates: per IM, logistic regression ``Linear(4, 1)`` + sigmoid on four *detached* statistics of that IM's
@@ -60,7 +60,7 @@ Method card
   little about the oracle sits near g = 0.5 (or above, for later gates, whose positives are under-counted) and
   sends almost everyone out early, whatever lambda; and the oracle is computed on the training split, where
   the IMs can be over-confident. On the small synthetic task every lambda ends up at exit 0.
-- Deviations from the paper and the official code: see /work/shared/reference/jeidnn.md, "Flaws": the IM loss's
+- Deviations from the paper and the official code (README, "Where the papers' code goes wrong"): the IM loss's
   ratio is detached by default; costs are measured MACs incl. IMs and gates (not depth fractions); the model is
   selected on validation. Backbone: whatever the harness provides (the paper uses T2T-ViT-7/14), frozen.
 """
