@@ -125,13 +125,18 @@ def write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6, seed: int = 0
     (folder / "batches.meta").write_bytes(py2_pickle(
         {b"num_cases_per_batch": per_batch, b"label_names": [n.encode() for n in names], b"num_vis": 3072}))
     (folder / "readme.html").write_text("<html>CIFAR-10</html>")
+    _package(folder, root / "cifar-10-python.tar.gz", archive, extracted)
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=names)
+
+
+def _package(folder: Path, tarball: Path, archive: bool, extracted: bool) -> None:
+    """Leave the official folder, its official .tar.gz, or both."""
     if archive:
-        _tar_folder(folder, root / "cifar-10-python.tar.gz")
+        _tar_folder(folder, tarball)
     if not extracted:
         for p in folder.iterdir():
             p.unlink()
         folder.rmdir()
-    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=names)
 
 
 def write_cifar100(root: Path, train_y: np.ndarray, n_test: int = 10, seed: int = 0, archive: bool = True,
@@ -161,12 +166,7 @@ def write_cifar100(root: Path, train_y: np.ndarray, n_test: int = 10, seed: int 
         b"fine_label_names": [n.encode() for n in fine],
         b"coarse_label_names": [f"coarse_{i:02d}".encode() for i in range(20)],
     }))
-    if archive:
-        _tar_folder(folder, root / "cifar-100-python.tar.gz")
-    if not extracted:
-        for p in folder.iterdir():
-            p.unlink()
-        folder.rmdir()
+    _package(folder, root / "cifar-100-python.tar.gz", archive, extracted)
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=fine)
 
 
