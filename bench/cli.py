@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="run the conformance suite on methods (a small synthetic task)")
     c.add_argument("methods", nargs="+", metavar="METHOD", help="registered method names, or `all`")
+
+    rep = sub.add_parser("report", help="aggregate runs over seeds: tables (md, tex), paired comparisons, figures")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each holds metrics.csv)")
+    rep.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report/ of the first run)")
+    rep.add_argument("--split", default="test", help="split to report (default: test)")
+    rep.add_argument("--budget", type=float, default=None,
+                     help="budget of the exit-distribution figure (default: the middle budget)")
     return p
 
 
@@ -130,11 +137,20 @@ def cmd_check(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_report(args) -> int:
+    from bench.report import build_report
+
+    report = build_report(args.run_dirs, out=args.out, split=args.split, budget=args.budget)
+    print(report.markdown)
+    print(f"wrote {len(report.files)} files to {report.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        return {"run": cmd_run, "ls": cmd_ls, "check": cmd_check}[args.command](args)
+        return {"run": cmd_run, "ls": cmd_ls, "check": cmd_check, "report": cmd_report}[args.command](args)
     except UserError as e:
         if args.debug:
             raise

@@ -1,0 +1,185 @@
+"""Figures of a report, shared by ``python -m bench report`` and ``results/figures.ipynb``. Every function takes
+the frames of :mod:`bench.report` (``aggregate``, ``exit_distribution``) and returns a matplotlib Figure (or None
+when the runs have nothing to draw); the backend is left to the caller (the CLI uses Agg)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+FIGSIZE = (5.0, 3.8)
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    return plt
+
+
+def _is_bound(method: str) -> bool:
+    from bench.interface import METHODS
+
+    return method in METHODS and bool(METHODS.get(method).bound)
+
+
+def points(agg: pd.DataFrame, metric: str, score: str = "", scope: str = "", alpha: float | None = None,
+           x_metric: str = "macs_rel") -> pd.DataFrame:
+    """Per dataset x label x budget: x (mean x_metric), xerr (its std), y (mean metric), yerr, method."""
+    keys = ["dataset", "backbone", "label", "method", "budget"]
+    plain = agg["score"].fillna("") == ""
+    x = agg[plain & (agg["metric"] == x_metric)][keys + ["mean", "std"]].rename(columns={"mean": "x", "std": "xerr"})
+    sel = agg["metric"] == metric
+    if score:
+        sel &= (agg["score"] == score) & (agg["scope"] == scope) & np.isclose(agg["alpha"], alpha)
+    else:
+        sel &= plain
+    y = agg[sel][keys + ["mean", "std"]].rename(columns={"mean": "y", "std": "yerr"})
+    p = x.merge(y, on=keys, how="inner")
+    return p[np.isfinite(p["x"]) & np.isfinite(p["y"])]
+
+
+def _draw_curves(ax, p: pd.DataFrame, palette: dict, ceiling: bool = False) -> None:
+    for label, g in p.groupby("label", sort=False):
+        g = g.sort_values("x")
+        err = {"xerr": g["xerr"].fillna(0), "yerr": g["yerr"].fillna(0)}
+        if (g["method"] == "static").all():
+            ax.errorbar(g["x"], g["y"], **err, marker="*", markersize=12, linestyle="none", color="black",
+                        label=label, zorder=5)
+        elif _is_bound(g["method"].iloc[0]):
+            ax.errorbar(g["x"], g["y"], **err, marker="o", linestyle="--", color="grey", label=label, capsize=2)
+            if ceiling:  # a bound on the metric: draw it across the whole cost axis
+                ax.axhline(g["y"].max(), linestyle="--", color="grey", linewidth=1)
+        else:
+            ax.errorbar(g["x"], g["y"], **err, marker="o", linestyle="-", color=palette[label], label=label,
+                        capsize=2)
+
+
+def _palette(labels) -> dict:
+    import seaborn as sns
+
+    labels = [lab for lab in dict.fromkeys(labels) if lab != "static backbone"]
+    return dict(zip(labels, sns.color_palette("tab10", max(len(labels), 1))))
+
+
+def _grid(datasets, nrows: int = 1):
+    plt = _plt()
+    n = max(len(datasets), 1)
+    fig, axes = plt.subplots(nrows, n, figsize=(FIGSIZE[0] * n, FIGSIZE[1] * nrows), squeeze=False)
+    return fig, axes
+
+
+def plot_metric_vs_cost(agg: pd.DataFrame, metric: str, ylabel: str | None = None, title: str | None = None,
+                        ceiling: bool = False, **conformal):
+    """One panel per dataset: ``metric`` against the realised test macs_rel, one curve per method (mean over
+    seeds, error bars = std), bounds dashed (with ``ceiling``, also as a horizontal line: the oracle's accuracy
+    bounds every method on the same heads), the static backbone as a star."""
+    p = points(agg, metric, **conformal)
+    if p.empty:
+        return None
+    datasets = list(dict.fromkeys(p["dataset"]))
+    fig, axes = _grid(datasets)
+    palette = _palette(p["label"])
+    for ax, ds in zip(axes[0], datasets):
+        _draw_curves(ax, p[p["dataset"] == ds], palette, ceiling)
+        ax.set_xlabel("MACs relative to the backbone (test)")
+        ax.set_ylabel(ylabel or metric)
+        ax.set_title(f"{ds}" + (f" — {title}" if title else ""))
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_cost(agg: pd.DataFrame):
+    return plot_metric_vs_cost(agg, "accuracy", "accuracy (test)", ceiling=True)
+
+
+def plot_ece_vs_cost(agg: pd.DataFrame):
+    return plot_metric_vs_cost(agg, "ece", "ECE (15 bins, test)")
+
+
+def plot_conformal_vs_cost(agg: pd.DataFrame, score: str = "lac", scope: str = "global", alpha: float = 0.1):
+    """Two rows per dataset: conformal set size and coverage against cost (nominal coverage dotted)."""
+    conf = {"score": score, "scope": scope, "alpha": alpha}
+    size, cov = points(agg, "set_size", **conf), points(agg, "coverage", **conf)
+    if size.empty and cov.empty:
+        return None
+    datasets = list(dict.fromkeys(pd.concat([size["dataset"], cov["dataset"]])))
+    fig, axes = _grid(datasets, nrows=2)
+    palette = _palette(pd.concat([size["label"], cov["label"]]))
+    for j, ds in enumerate(datasets):
+        for i, (p, name) in enumerate(((size, "set size"), (cov, "coverage"))):
+            ax = axes[i, j]
+            _draw_curves(ax, p[p["dataset"] == ds], palette)
+            if name == "coverage":
+                ax.axhline(1 - alpha, color="black", linestyle=":", linewidth=1, label=f"nominal {1 - alpha:g}")
+            ax.set_xlabel("MACs relative to the backbone (test)")
+            ax.set_ylabel(f"{name} ({score.upper()}, {scope}, α={alpha:g})")
+            ax.set_title(ds)
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_exit_distribution(dist: pd.DataFrame, budget: float):
+    """Share of test samples leaving at each exit, per method, at one budget (mean over seeds)."""
+    if dist is None or dist.empty:
+        return None
+    import seaborn as sns
+
+    datasets = list(dict.fromkeys(dist["dataset"]))
+    fig, axes = _grid(datasets)
+    for ax, ds in zip(axes[0], datasets):
+        d = dist[dist["dataset"] == ds]
+        palette = _palette(d["label"])
+        for label, method in zip(d["label"], d["method"]):
+            if _is_bound(method):
+                palette[label] = "grey"
+        sns.barplot(data=d, x="exit", y="share", hue="label", ax=ax, errorbar=None, palette=palette)
+        ax.set_xlabel("exit")
+        ax.set_ylabel("share of test samples")
+        ax.set_title(f"{ds} — budget {budget:g}")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_wall_vs_macs(agg: pd.DataFrame):
+    """Measured wall-clock ratio against the MAC ratio (None when the runs have no timing rows)."""
+    fig = plot_metric_vs_cost(agg, "wall_rel", "wall-clock relative to the backbone", title="timing")
+    if fig is not None:
+        for ax in fig.axes:
+            lim = [0, 1.05]
+            ax.plot(lim, lim, color="black", linestyle=":", linewidth=1, label="wall_rel = macs_rel")
+            ax.legend(fontsize="small")
+    return fig
+
+
+def figures(df: pd.DataFrame, agg: pd.DataFrame, budget: float | None, split: str = "test") -> dict:
+    """name -> Figure for every figure the runs can draw."""
+    from bench.report import exit_distribution
+
+    figs = {"accuracy_vs_cost": plot_accuracy_vs_cost(agg), "ece_vs_cost": plot_ece_vs_cost(agg),
+            "conformal_vs_cost": plot_conformal_vs_cost(agg),
+            "exit_distribution": (plot_exit_distribution(exit_distribution(df, budget, split), budget)
+                                  if budget is not None else None),
+            "wall_vs_macs": plot_wall_vs_macs(agg)}
+    return {k: v for k, v in figs.items() if v is not None}
+
+
+def save_all(df: pd.DataFrame, agg: pd.DataFrame, out: Path, budget: float | None, split: str = "test") -> list[Path]:
+    """Write every figure as PNG and PDF under ``out`` (atomically); returns the paths."""
+    from bench.hashing import atomic_write
+
+    plt = _plt()
+    paths = []
+    for name, fig in figures(df, agg, budget, split).items():
+        for fmt in ("png", "pdf"):
+            path = Path(out) / f"{name}.{fmt}"
+            atomic_write(path, lambda tmp, fig=fig, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=150,
+                                                                         bbox_inches="tight"))
+            paths.append(path)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,232 @@
+"""`python -m bench report` and results/figures.ipynb: aggregation numbers and the paired bootstrap on
+hand-built files, figures and the notebook on a tiny real run, and the user errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from bench.cli import main
+from bench.report import aggregate, build_report, load_runs, paired_bootstrap
+from bench.results import METRIC_COLUMNS
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ["accuracy_vs_cost", "ece_vs_cost", "conformal_vs_cost", "exit_distribution"]
+CONF = json.dumps({"alpha": 0.1, "scope": "global", "score": "lac"}, sort_keys=True, separators=(",", ":"))
+CONF05 = json.dumps({"alpha": 0.05, "scope": "global", "score": "lac"}, sort_keys=True, separators=(",", ":"))
+
+
+def _row(seed, method, metric, value, budget=0.5, params="{}", exit=None, split="test", sha=None):
+    return {"run_id": "hand", "dataset": "toy", "split": split, "seed": seed, "backbone": "vit(toy)",
+            "method": method, "params": params, "budget": budget, "metric": metric, "value": value, "n": 10,
+            "exit": exit, "split_sha256": sha or f"sha{seed}"}
+
+
+def hand_built_run(path: Path, n: int = 50, timing: bool = False) -> Path:
+    """Seeds 0/1, budget 0.5, metrics: threshold accuracy 0.8 / 0.9. Decisions (n samples per seed): threshold,
+    patience and the oracle always right, entropy always wrong."""
+    path.mkdir(parents=True)
+    rows = []
+    for seed, acc in ((0, 0.8), (1, 0.9)):
+        rows.append(_row(seed, "static", "accuracy", 0.95, budget=None))
+        rows.append(_row(seed, "static", "macs_rel", 1.0, budget=None))
+        for method, a in (("threshold", acc), ("patience", acc), ("entropy", 0.0), ("oracle", 1.0)):
+            rows += [_row(seed, method, "accuracy", a), _row(seed, method, "macs_rel", 0.5 + 0.01 * seed),
+                     _row(seed, method, "ece", 0.02 + 0.01 * seed), _row(seed, method, "nll", 0.3),
+                     _row(seed, method, "brier", 0.2), _row(seed, method, "auroc_misclassification", 0.8),
+                     _row(seed, method, "coverage", 0.90 + 0.02 * seed, params=CONF),
+                     _row(seed, method, "coverage", 0.99, params=CONF05),
+                     _row(seed, method, "set_size", 1.5, params=CONF),
+                     _row(seed, method, "set_size", 2.5, params=CONF05),
+                     _row(seed, method, "accuracy", 0.1, split="val"),
+                     _row(seed, method, "exit_share", 0.25, exit=0), _row(seed, method, "exit_share", 0.75, exit=1)]
+            if timing:
+                rows.append(_row(seed, method, "wall_rel", 0.45))
+        # an infeasible budget: NaN rows are left out of the mean
+        rows.append(_row(seed, "threshold", "accuracy", np.nan, budget=0.1))
+    df = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    df["exit"] = df["exit"].astype("Int64")
+    df.to_csv(path / "metrics.csv", index=False)
+    dec = []
+    rng = np.random.default_rng(0)
+    for seed in (0, 1):
+        target = rng.integers(0, 10, n)
+        right = target.copy()
+        wrong = (target + 1) % 10
+        for method, pred in (("threshold", right), ("patience", right), ("entropy", wrong), ("oracle", right)):
+            dec.append(pd.DataFrame({"split": "test", "seed": seed, "method": method, "budget": 0.5,
+                                     "sample_id": np.arange(n), "exit": 0, "pred": pred, "target": target,
+                                     "confidence": 0.9}))
+    pd.concat(dec).to_csv(path / "decisions.csv.gz", index=False)
+    return path
+
+
+def _digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    out = base / "run"
+    rc = main(["run", "--methods", "threshold,entropy", "--seeds", "0,1", "--cache-dir", str(base / "cache"),
+               "--out", str(out), "--set", "backbone.depth=3", "--set", "backbone.embed_dim=32",
+               "--set", "backbone.num_heads=2", "--set", "backbone.epochs=3"])
+    assert rc == 0
+    return out
+
+
+def test_aggregation_on_hand_built_metrics(tmp_path):
+    agg = aggregate(load_runs([hand_built_run(tmp_path / "run")]))
+    a = agg[(agg["label"] == "threshold") & (agg["metric"] == "accuracy") & (agg["budget"] == 0.5)].iloc[0]
+    assert a["n"] == 2 and a["mean"] == pytest.approx(0.85)
+    assert a["std"] == pytest.approx(0.0707106781, abs=1e-9)
+    assert a["ci_half"] == pytest.approx(stats.t.ppf(0.975, 1) * 0.0707106781 / np.sqrt(2), abs=1e-9)
+    assert a["ci_half"] == pytest.approx(0.6353102, abs=1e-6)
+    assert (a["ci_low"], a["ci_high"]) == pytest.approx((0.85 - 0.6353102, 0.85 + 0.6353102), abs=1e-6)
+    # conformal rows are keyed by score / scope / alpha from params
+    cov = agg[(agg["label"] == "threshold") & (agg["metric"] == "coverage")].set_index("alpha")["mean"]
+    assert cov[0.1] == pytest.approx(0.91) and cov[0.05] == pytest.approx(0.99)
+    # val rows and per-exit rows stay out; an infeasible budget reads NaN with n = 0
+    assert (agg["metric"] != "exit_share").all()
+    infeasible = agg[(agg["label"] == "threshold") & (agg["budget"] == 0.1)].iloc[0]
+    assert infeasible["n"] == 0 and np.isnan(infeasible["mean"])
+    # the static backbone (no budget) and the bound's label
+    assert agg[agg["method"] == "static"]["label"].unique().tolist() == ["static backbone"]
+    assert "oracle (upper bound)" in set(agg["label"])
+    # one seed: std and interval undefined, not zero
+    one = aggregate(load_runs([hand_built_run(tmp_path / "r2")]).query("seed == 0"))
+    assert one[one["metric"] == "accuracy"]["std"].isna().all()
+
+
+def test_paired_bootstrap_hand_built():
+    same = paired_bootstrap(np.ones(100, bool), np.ones(100, bool))
+    assert same["diff"] == 0 and same["lo"] == 0 and same["hi"] == 0 and not same["significant"]
+    mixed = np.arange(100) % 3 == 0
+    assert not paired_bootstrap(mixed, mixed)["significant"]
+    right = paired_bootstrap(np.ones(100, bool), np.zeros(100, bool))
+    assert right["diff"] == 1 and right["significant"] and right["n"] == 100
+    # the multinomial shortcut equals resampling indices, in distribution
+    rng = np.random.default_rng(1)
+    a, b = rng.random(300) < 0.8, rng.random(300) < 0.75
+    res = paired_bootstrap(a, b)
+    d = a.astype(int) - b.astype(int)
+    idx = rng.integers(0, len(d), (4000, len(d)))
+    lo, hi = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+    assert res["lo"] == pytest.approx(lo, abs=0.01) and res["hi"] == pytest.approx(hi, abs=0.01)
+    assert paired_bootstrap(a, b) == res  # seeded
+
+
+def test_report_marks_significant_differences(tmp_path, capsys):
+    run = hand_built_run(tmp_path / "run", timing=True)
+    rc = main(["report", str(run), "--out", str(tmp_path / "out")])
+    assert rc == 0
+    md = capsys.readouterr().out
+    main_table = md.split("## Conformal")[0]
+    rows = {line.split(" | ")[1]: line for line in main_table.splitlines() if line.startswith("| toy |")
+            and line.split(" | ")[2] == "0.5"}
+    assert "| 0.1 | infeasible |" in main_table
+    assert "| 0.5 | 0.8500 ± 0.0707 | [0.2147, 1.4853] | ref. |" in rows["threshold"]
+    assert "| +0.0000 |" in rows["patience"]  # identical predictions: no star
+    assert "| -1.0000* |" in rows["entropy"]  # always wrong against always right
+    assert "| +0.0000 |" in rows["oracle (upper bound)"]
+    out = tmp_path / "out"
+    assert (out / "report.md").read_text() in md
+    tex = (out / "report.tex").read_text()
+    assert tex.startswith(r"\begin{tabular}") and r"0.8500 $\pm$ 0.0707" in tex and r"\end{tabular}" in tex
+    for name in FIGURES + ["wall_vs_macs"]:  # timing rows -> the wall-clock figure too
+        for ext in ("png", "pdf"):
+            assert (out / f"{name}.{ext}").stat().st_size > 1000
+
+
+def test_report_on_a_real_run_writes_every_figure(tiny_run, capsys):
+    before = _digest(tiny_run)
+    assert main(["report", str(tiny_run)]) == 0
+    md = capsys.readouterr().out
+    assert "static backbone" in md and "| threshold |" in md and "ref." in md
+    out = tiny_run / "report"  # default: the first run's report/ folder
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            assert (out / f"{name}.{ext}").stat().st_size > 1000, name
+    assert not (out / "wall_vs_macs.png").exists()  # no timing rows: skipped silently
+    assert (out / "report.md").stat().st_size > 0 and (out / "report.tex").stat().st_size > 0
+    after = _digest(tiny_run)
+    assert {k: v for k, v in after.items() if not k.startswith("report")} == before
+
+
+def _not_a_dir(tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    return [f], "is not a directory"
+
+
+def _no_metrics(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return [tmp_path / "empty"], "has no metrics.csv"
+
+
+def _missing_column(tmp_path):
+    run = hand_built_run(tmp_path / "run")
+    df = pd.read_csv(run / "metrics.csv").drop(columns=["metric"])
+    df.to_csv(run / "metrics.csv", index=False)
+    return [run], "missing column(s) metric"
+
+
+def _other_splits(tmp_path):
+    a = hand_built_run(tmp_path / "a")
+    b = hand_built_run(tmp_path / "b")
+    df = pd.read_csv(b / "metrics.csv")
+    df["split_sha256"] = "different"
+    df.to_csv(b / "metrics.csv", index=False)
+    return [a, b], "cannot be compared"
+
+
+def _bad_budget(tmp_path):
+    return [hand_built_run(tmp_path / "run")], "--budget 0.3 is not a budget"
+
+
+@pytest.mark.parametrize("case", [_not_a_dir, _no_metrics, _missing_column, _other_splits, _bad_budget])
+def test_user_errors_exit_2_and_write_nothing(tmp_path, capsys, case):
+    paths, message = case(tmp_path)
+    before = _digest(tmp_path)
+    extra = ["--budget", "0.3"] if case is _bad_budget else []
+    rc = main(["report", *map(str, paths), "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1  # one paragraph
+    assert not (tmp_path / "out").exists()
+    assert _digest(tmp_path) == before
+
+
+def test_notebook_executes_headless(tiny_run, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    # the kernel must be this venv's: ipykernel ships its spec under sys.prefix, and jupyter_client runs a
+    # spec whose argv starts with "python" with sys.executable
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert Path(spec.resource_dir).resolve().is_relative_to(Path(sys.prefix).resolve()), spec.resource_dir
+    nb = nbformat.read(ROOT / "results" / "figures.ipynb", as_version=4)
+    old = os.environ.get("BENCH_RUN_DIRS")
+    os.environ["BENCH_RUN_DIRS"] = str(tiny_run)
+    try:
+        nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
+                                resources={"metadata": {"path": str(ROOT / "results")}}).execute()
+    finally:
+        if old is None:
+            os.environ.pop("BENCH_RUN_DIRS")
+        else:
+            os.environ["BENCH_RUN_DIRS"] = old
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+    assert any("static backbone" in o.get("data", {}).get("text/markdown", "") for o in outputs)
