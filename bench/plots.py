@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.summary import is_bound
+
 FIGSIZE = (5.0, 3.8)
 
 
@@ -17,12 +19,6 @@ def _plt():
 
     sns.set_theme(style="whitegrid", context="paper")
     return plt
-
-
-def _is_bound(method: str) -> bool:
-    from bench.interface import METHODS
-
-    return method in METHODS and bool(METHODS.get(method).bound)
 
 
 def points(agg: pd.DataFrame, metric: str, score: str = "", scope: str = "", alpha: float | None = None,
@@ -48,7 +44,7 @@ def _draw_curves(ax, p: pd.DataFrame, palette: dict, ceiling: bool = False) -> N
         if (g["method"] == "static").all():
             ax.errorbar(g["x"], g["y"], **err, marker="*", markersize=12, linestyle="none", color="black",
                         label=label, zorder=5)
-        elif _is_bound(g["method"].iloc[0]):
+        elif is_bound(g["method"].iloc[0]):
             ax.errorbar(g["x"], g["y"], **err, marker="o", linestyle="--", color="grey", label=label, capsize=2)
             if ceiling:  # a bound on the metric: draw it across the whole cost axis
                 ax.axhline(g["y"].max(), linestyle="--", color="grey", linewidth=1)
@@ -135,7 +131,7 @@ def plot_exit_distribution(dist: pd.DataFrame, budget: float):
         d = dist[dist["dataset"] == ds]
         palette = _palette(d["label"])
         for label, method in zip(d["label"], d["method"]):
-            if _is_bound(method):
+            if is_bound(method):
                 palette[label] = "grey"
         sns.barplot(data=d, x="exit", y="share", hue="label", ax=ax, errorbar=None, palette=palette)
         ax.set_xlabel("exit")

@@ -8,13 +8,18 @@ import pandas as pd
 SUMMARY_METRICS = ("accuracy", "macs_rel", "ece")
 
 
-def method_label(method: str) -> str:
-    """Table label: bounds (methods that read labels, like the oracle) are marked as such."""
+def is_bound(method: str) -> bool:
+    """Whether a registered method is an upper bound (reads labels, like the oracle) rather than a method."""
     from bench.interface import METHODS
 
+    return method in METHODS and bool(METHODS.get(method).bound)
+
+
+def method_label(method: str) -> str:
+    """Table label: bounds are marked as such."""
     if method == "static":
         return "static backbone"
-    return f"{method} (upper bound)" if method in METHODS and METHODS.get(method).bound else method
+    return f"{method} (upper bound)" if is_bound(method) else method
 
 
 def _cell(values: pd.Series, digits: int) -> str:
