@@ -73,6 +73,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from bench.calibration import select_budget
 from bench.errors import UserError
@@ -319,7 +320,8 @@ class JEIDNN(ExitMethod):
         with torch.no_grad():
             best_acc = (_im_logits(xv, w, b).argmax(-1) == yv).float().mean(-1)  # epoch 0: the initialisation
         wait = np.zeros(km1, dtype=np.int64)
-        for epoch in range(1, int(self.warmup_epochs) + 1):
+        for epoch in tqdm(range(1, int(self.warmup_epochs) + 1), desc="jeidnn warm-up", unit="epoch", leave=False,
+                          dynamic_ncols=True):
             if (wait >= self.warmup_patience).all():
                 break
             perm = torch.randperm(n, generator=gen)
@@ -364,7 +366,8 @@ class JEIDNN(ExitMethod):
         best_state = [t.detach().clone() for t in (w, b, gw, gb)]
         step = 0
         history = np.full((int(self.epochs), n_lam), np.nan)
-        for epoch in range(1, int(self.epochs) + 1):
+        for epoch in tqdm(range(1, int(self.epochs) + 1), desc=f"jeidnn ({len(self.lambdas)} lambdas)",
+                          unit="epoch", leave=False, dynamic_ncols=True):
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n, self.batch_size):
                 idx = perm[i:i + self.batch_size]
