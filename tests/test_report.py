@@ -207,8 +207,8 @@ def test_user_errors_exit_2_and_write_nothing(tmp_path, capsys, case):
 
 
 def test_notebook_executes_headless(tiny_run, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient  # pinned in requirements.txt: a missing install must fail here, not skip
+    import nbformat
     from jupyter_client.kernelspec import KernelSpecManager
 
     # the kernel must be this venv's: ipykernel ships its spec under sys.prefix, and jupyter_client runs a
