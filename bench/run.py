@@ -214,11 +214,9 @@ def execute(cfg: RunConfig, log=print) -> Path:
     t0 = time.time()
     dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
     log(f"dataset {dataset.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images, "
-        f"{dataset.num_classes} classes ({dataset.source})")
+        f"{dataset.num_classes} classes (files and checksums in run.json)")
     bcfg = cfg.backbone_config()
     rows, decisions, seeds_info = [], [], {}
-    import methods  # noqa: F401
-
     for seed in cfg.seeds:
         torch.manual_seed(seed)
         splits = load_or_make_splits(cache, dataset.name, dataset.train_y, len(dataset.test_y), seed)
@@ -246,7 +244,6 @@ def execute(cfg: RunConfig, log=print) -> Path:
     summary = summary_table(df)
     write_csv(decisions_frame(decisions), out / "decisions.csv.gz")
     write_csv(df, out / "metrics.csv")
-
     atomic_write_text(out / "summary.md", summary + "\n")
     config = {**dataclasses.asdict(cfg), "resolved_backbone": dataclasses.asdict(bcfg)}
     write_json(out / "run.json", {"run_id": cfg.run_id, "status": "complete", **provenance(config, {
