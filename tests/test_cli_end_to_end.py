@@ -103,6 +103,7 @@ def test_same_command_reuses_out_and_other_config_is_refused(run_dir, capsys):
     (["--backbone", "resnet50"], "only timm Vision Transformers"),
     (["--device", "cuda"], "no CUDA device"),
     (["--seeds", "0,-1"], "distinct non-negative integers"),
+    (["--pretrained"], "Pretrained weights for 'vit_tiny_patch16_224' could not be loaded"),  # offline hub
     (["--set", "backbone.num_heads=5"], "embed_dim must be divisible by"),
 ])
 def test_user_errors_exit_2_with_a_message(tmp_path, capsys, args, message):
