@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timing", action="store_true",
                    help="time real early exit on test: latency_ms (batch 1), throughput and wall_rel per budget")
     r.add_argument("--timing-batch", type=int, default=256, help="batch size of the throughput timing (256)")
+    r.add_argument("--executor", default="sequential", help="sequential (default), local (process pool) or dask")
+    r.add_argument("--workers", type=int, default=2, help="processes of the local executor (default 2)")
+    r.add_argument("--scheduler", default=None, help="Dask scheduler address for --executor dask, tcp://HOST:PORT")
+    r.add_argument("--retries", type=int, default=1, help="extra attempts for a failed job (default 1)")
 
     sub.add_parser("ls", help="list methods, datasets and backbones")
 
@@ -92,7 +96,8 @@ def cmd_run(args) -> int:
                     budgets=args.budgets or list(DEFAULT_BUDGETS), overrides=parse_set(args.overrides),
                     pretrained=args.pretrained, device=args.device, threads=args.threads,
                     data_dir=args.data_dir, cache_dir=args.cache_dir, out=args.out, download=args.download,
-                    timing=args.timing, timing_batch=args.timing_batch)
+                    timing=args.timing, timing_batch=args.timing_batch, executor=args.executor,
+                    workers=args.workers, scheduler=args.scheduler, retries=args.retries)
     execute(cfg)
     return 0
 
@@ -157,6 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted: results already written are intact; rerun the same command to redo this run",
-              file=sys.stderr)
+        print("interrupted: finished jobs are kept (OUT/jobs/) and earlier results are intact; rerun the same "
+              "command to resume", file=sys.stderr)
         return 130

@@ -57,6 +57,10 @@ class RunConfig:
     download: bool = True
     timing: bool = False  # time real early exit on test (latency, throughput, wall_rel) per budget
     timing_batch: int = 256
+    executor: str = "sequential"  # sequential | local (process pool) | dask
+    workers: int = 2  # local executor's processes
+    scheduler: str | None = None  # dask scheduler address, tcp://HOST:PORT
+    retries: int = 1  # extra attempts for a failed job before the run reports it
 
     def backbone_config(self) -> BackboneConfig:
         cfg = default_config(self.dataset)
@@ -112,6 +116,14 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--device cuda was asked for but torch sees no CUDA device here; use --device cpu.")
     if any(seed < 0 for seed in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):
         raise UserError(f"--seeds {','.join(map(str, cfg.seeds))}: give distinct non-negative integers, e.g. 0,1,2.")
+    from bench.executors import EXECUTORS
+
+    if cfg.executor not in EXECUTORS:
+        raise UserError(f"--executor {cfg.executor!r}: use one of {', '.join(EXECUTORS)}.")
+    if cfg.executor == "dask" and not cfg.scheduler:
+        raise UserError("--executor dask needs --scheduler tcp://HOST:PORT (the address `dask scheduler` prints).")
+    if cfg.workers < 1 or cfg.retries < 0:
+        raise UserError(f"--workers {cfg.workers} / --retries {cfg.retries}: workers must be >= 1, retries >= 0.")
     if cfg.timing_batch < 1:
         raise UserError(f"--timing-batch {cfg.timing_batch}: give a positive batch size.")
     if cfg.threads is not None and cfg.threads < 1:
@@ -202,8 +214,55 @@ def timing_rows(method, task: Task, points, cfg: RunConfig, backbone, dataset) -
     return rows
 
 
+def seed_artefacts(cfg: RunConfig, dataset, seed: int, cache: Path):
+    """Split, backbone and features of one seed (built once, then served from the cache) and its Task."""
+    splits = load_or_make_splits(cache, dataset.name, dataset.train_y, len(dataset.test_y), seed)
+    backbone = load_or_train_backbone(cache, cfg.backbone_config(), dataset, splits, cfg.device)
+    feats = load_or_compute_features(cache, backbone, dataset, cfg.device)
+    task = build_task(dataset, splits, backbone, feats, count_macs(backbone.model.cpu()))
+    return splits, backbone, task
+
+
+_PROCESS_MEMO: dict = {}  # the last seed's dataset and task, so in-process jobs of one seed load them once
+
+
+def run_job(cfg: RunConfig, seed: int, method_name: str) -> dict:
+    """One job of a sweep: fit one method on one seed's cached features and evaluate every budget. Pure given
+    the cache (built beforehand by ``execute``), so any executor may run it, and rerun it after a fault.
+    Returns {"rows": metric rows, "decisions": decision blocks}; ``method_name == "static"`` gives the static
+    backbone's rows."""
+    import methods  # noqa: F401  (a fresh worker process registers the methods)
+    from datasets import load_dataset
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    key = (cfg.dataset, cfg.data_dir, str(cache), seed, config_hash(dataclasses.asdict(cfg.backbone_config())))
+    if _PROCESS_MEMO.get("key") != key:
+        _PROCESS_MEMO.clear()
+        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=False)
+        _PROCESS_MEMO.update(key=key, dataset=dataset, artefacts=seed_artefacts(cfg, dataset, seed, cache))
+    dataset, (_, backbone, task) = _PROCESS_MEMO["dataset"], _PROCESS_MEMO["artefacts"]
+    if method_name == "static":
+        return {"rows": static_backbone_rows(task), "decisions": []}
+    method = create_method(method_name, cfg.overrides.get(method_name)).fit(task)
+    points = method.calibrate(task, cfg.budgets)
+    rows, decisions = evaluate_method(method, task, points, cfg.budgets)
+    if cfg.timing and not method.bound:
+        rows += timing_rows(method, task, points, cfg, backbone, dataset)
+    return {"rows": rows, "decisions": decisions}
+
+
 def execute(cfg: RunConfig, log=print) -> Path:
-    """Run the whole job; returns the output directory. Raises UserError for user mistakes."""
+    """Run the whole job; returns the output directory. Raises UserError for user mistakes.
+
+    A run is a sweep of independent jobs (seed x method, plus the static backbone per seed). Shared artefacts
+    (splits, backbones, features) are built first, in this process, seed by seed; then the jobs run on the
+    chosen executor and each writes its result file atomically under ``OUT/jobs/``; the tables are assembled
+    from those files. Rerunning the same command with the same ``--out`` skips finished jobs."""
+    from bench.executors import run_jobs
+
     validate(cfg)
     from datasets import load_dataset
 
@@ -216,29 +275,20 @@ def execute(cfg: RunConfig, log=print) -> Path:
     log(f"dataset {dataset.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images, "
         f"{dataset.num_classes} classes (files and checksums in run.json)")
     bcfg = cfg.backbone_config()
-    rows, decisions, seeds_info = [], [], {}
+    seeds_info = {}
     for seed in cfg.seeds:
         torch.manual_seed(seed)
-        splits = load_or_make_splits(cache, dataset.name, dataset.train_y, len(dataset.test_y), seed)
-        backbone = load_or_train_backbone(cache, bcfg, dataset, splits, cfg.device)
-        feats = load_or_compute_features(cache, backbone, dataset, cfg.device)
-        task = build_task(dataset, splits, backbone, feats, count_macs(backbone.model.cpu()))
+        splits, backbone, task = seed_artefacts(cfg, dataset, seed, cache)
         seeds_info[seed] = {"split_sha256": splits.sha256, "backbone_key": backbone.key,
                             "backbone_val_accuracy": backbone.val_accuracy, "backbone_best_epoch": backbone.best_epoch,
                             "backbone_train_seconds": (backbone.history[-1].get("seconds")
                                                        if backbone.history else None),
                             "static_macs": task.macs.static,
                             "split_sizes": {k: int(len(splits[k])) for k in ("train", "val", "cal", "test")}}
-        rows += static_backbone_rows(task)
-        for name in cfg.methods:
-            method = create_method(name, cfg.overrides.get(name)).fit(task)
-            points = method.calibrate(task, cfg.budgets)
-            r, d = evaluate_method(method, task, points, cfg.budgets)
-            rows += r
-            decisions += d
-            if cfg.timing and not method.bound:
-                rows += timing_rows(method, task, points, cfg, backbone, dataset)
-            log(f"seed {seed}: {name} fitted and evaluated at {len(cfg.budgets)} budgets")
+    jobs = [(seed, name) for seed in cfg.seeds for name in ["static", *cfg.methods]]
+    results = run_jobs(cfg, jobs, out / "jobs", log)  # JobFailures (exit 1) names the failed jobs
+    rows = [r for job in jobs for r in results[job]["rows"]]
+    decisions = [d for job in jobs for d in results[job]["decisions"]]
     df = metrics_frame(rows, cfg.run_id, dataset.name, describe_backbone(bcfg),
                        {seed: info["split_sha256"] for seed, info in seeds_info.items()})
     summary = summary_table(df)
