@@ -286,18 +286,23 @@ def execute(cfg: RunConfig, log=print) -> Path:
                             "static_macs": task.macs.static,
                             "split_sizes": {k: int(len(splits[k])) for k in ("train", "val", "cal", "test")}}
     jobs = [(seed, name) for seed in cfg.seeds for name in ["static", *cfg.methods]]
-    results = run_jobs(cfg, jobs, out / "jobs", log)  # JobFailures (exit 1) names the failed jobs
-    rows = [r for job in jobs for r in results[job]["rows"]]
-    decisions = [d for job in jobs for d in results[job]["decisions"]]
-    df = metrics_frame(rows, cfg.run_id, dataset.name, describe_backbone(bcfg),
-                       {seed: info["split_sha256"] for seed, info in seeds_info.items()})
-    summary = summary_table(df)
-    write_csv(decisions_frame(decisions), out / "decisions.csv.gz")
-    write_csv(df, out / "metrics.csv")
-    atomic_write_text(out / "summary.md", summary + "\n")
-    config = {**dataclasses.asdict(cfg), "resolved_backbone": dataclasses.asdict(bcfg)}
-    write_json(out / "run.json", {"run_id": cfg.run_id, "status": "complete", **provenance(config, {
-        "dataset_source": dataset.source, "seeds": seeds_info, "duration_s": round(time.time() - t0, 2)})})
+    try:
+        results = run_jobs(cfg, jobs, out / "jobs", log)  # JobFailures (exit 1) names the failed jobs
+        rows = [r for job in jobs for r in results[job]["rows"]]
+        decisions = [d for job in jobs for d in results[job]["decisions"]]
+        df = metrics_frame(rows, cfg.run_id, dataset.name, describe_backbone(bcfg),
+                           {seed: info["split_sha256"] for seed, info in seeds_info.items()})
+        summary = summary_table(df)
+        write_csv(decisions_frame(decisions), out / "decisions.csv.gz")
+        write_csv(df, out / "metrics.csv")
+        atomic_write_text(out / "summary.md", summary + "\n")
+        config = {**dataclasses.asdict(cfg), "resolved_backbone": dataclasses.asdict(bcfg)}
+        write_json(out / "run.json", {"run_id": cfg.run_id, "status": "complete", **provenance(config, {
+            "dataset_source": dataset.source, "seeds": seeds_info, "duration_s": round(time.time() - t0, 2)})})
+    except OSError as e:  # full disk, read-only or vanished --out: every file is replaced atomically
+        raise UserError(f"Could not write the results to {out} ({e.strerror or e}). Files written before are "
+                        "intact (each is replaced atomically) and finished jobs are kept in its jobs/ folder: free "
+                        "space or fix the directory, then rerun the same command to resume.") from None
     log("\n" + summary + "\n")
     log(f"results written to {out}/ (metrics.csv, decisions.csv.gz, run.json, summary.md)")
     return out

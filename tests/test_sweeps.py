@@ -139,3 +139,39 @@ def test_dask_cluster_with_a_worker_killed_mid_sweep(sequential, tmp_path):
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
+
+
+def test_nan_logits_fail_the_job_with_a_message_and_keep_the_rest(sequential, tmp_path, monkeypatch, capsys):
+    from methods.entropy import EntropyGate
+
+    base, _ = sequential
+    real = EntropyGate.exit_logits
+    monkeypatch.setattr(EntropyGate, "exit_logits",
+                        lambda self, split, point=None: real(self, split, point) * float("nan"))
+    out = tmp_path / "nan"
+    rc = main([*SWEEP, "--cache-dir", str(base / "cache"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "2 of 6 jobs failed" in err and "entropy: ValueError" in err and "NaN or infinite" in err
+    assert "Traceback" not in err and not (out / "metrics.csv").exists()
+    assert {p.name for p in (out / "jobs").glob("*.pkl")} == {f"seed{s}-{m}.pkl" for s in (0, 1)
+                                                              for m in ("static", "threshold")}
+
+
+def test_full_disk_is_a_clear_error_and_earlier_results_stay(sequential, tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+
+    base, seq_out = sequential
+    out = tmp_path / "full"
+    shutil.copytree(seq_out, out)
+    (out / "jobs" / "seed1-entropy.pkl").unlink()  # so the rerun has a job to do and results to write
+    before = (out / "metrics.csv").read_bytes()
+
+    def no_space(df, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_module, "write_csv", no_space)
+    rc = main([*SWEEP, "--cache-dir", str(base / "cache"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "No space left on device" in err and "rerun the same command to resume" in err
+    assert (out / "metrics.csv").read_bytes() == before and (out / "jobs" / "seed1-entropy.pkl").exists()
