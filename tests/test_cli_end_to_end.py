@@ -184,3 +184,12 @@ def test_same_command_and_threads_give_identical_rows(tmp_path):
     torch.set_num_threads(threads)  # --threads is process-wide; leave the session as it was
     pd.testing.assert_frame_equal(frames[0][0], frames[1][0])
     pd.testing.assert_frame_equal(frames[0][1], frames[1][1])
+
+
+def test_unwritable_out_is_a_user_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    rc = main(["run", "--out", str(blocker / "out"), "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Cannot write to --out" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a directory"
