@@ -100,12 +100,6 @@ def create_backbone(cfg: BackboneConfig, in_chans: int, num_classes: int, load_w
                         "num_heads, img_size by patch_size).") from None
 
 
-def list_backbones() -> list[str]:
-    import timm
-
-    return sorted(timm.list_models("vit_*"))
-
-
 # ---- the staged forward -------------------------------------------------------------------------------
 def embed(model, x: torch.Tensor) -> torch.Tensor:
     """Images [N, C, H, W] -> tokens [N, T, D] (patch embedding, class token, position embedding)."""

@@ -176,8 +176,7 @@ def build_task(dataset, splits, backbone, feats: dict[str, torch.Tensor], macs) 
     parts["test"] = SplitData(feats["test"], dataset.test_y, splits.test)
     head = backbone.model.head
     return Task(dataset.name, splits.seed, dataset.num_classes, parts, head.weight.detach().cpu().float(),
-                head.bias.detach().cpu().float(), macs, key=backbone.key, split_sha256=splits.sha256,
-                backbone=describe_backbone(backbone.config))
+                head.bias.detach().cpu().float(), macs, key=backbone.key, split_sha256=splits.sha256)
 
 
 def describe_backbone(c: BackboneConfig) -> str:

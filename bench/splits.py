@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from bench.hashing import atomic_write_text
 
+log = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "cal", "test")
 
 
@@ -80,8 +82,9 @@ def _largest_remainder(counts: np.ndarray, total: int) -> np.ndarray:
 
 
 def load_or_make_splits(cache_dir: Path, dataset: str, train_y: np.ndarray, n_test: int, seed: int) -> Splits:
-    """Make the splits and save them (JSON with their sha256) under ``cache_dir/splits``; if a saved copy
-    exists it must be identical, which guards determinism across machines and library versions."""
+    """Make the splits and save them (JSON with their sha256) under ``cache_dir/splits``. A saved copy that
+    differs (a change of split code or library versions) is reported and replaced: every result row records
+    the hash, so runs on different splits are never silently compared."""
     splits = make_splits(train_y, n_test, seed)
     label_digest = hashlib.sha256(np.ascontiguousarray(train_y, dtype=np.int64).tobytes()).hexdigest()[:12]
     path = Path(cache_dir) / "splits" / f"{dataset}-{label_digest}-seed{seed}.json"
@@ -92,6 +95,9 @@ def load_or_make_splits(cache_dir: Path, dataset: str, train_y: np.ndarray, n_te
             saved = None
         if saved == splits.sha256:
             return splits
+        log.warning("saved splits %s (sha256 %s) differ from the ones this seed makes now (%s): the split code or "
+                    "its libraries changed; results with the old hash are not comparable. Overwriting.",
+                    path, saved, splits.sha256)
     payload = {"dataset": dataset, "seed": seed, "sha256": splits.sha256,
                **{k: splits[k].tolist() for k in ("train", "val", "cal")}, "n_test": n_test}
     atomic_write_text(path, json.dumps(payload))

@@ -2,7 +2,7 @@
 exit) and the per-block MAC counts. Methods never see the backbone or the images."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,8 +39,6 @@ class Task:
     macs: ViTMacs  # per-image MACs of the static backbone, per block
     key: str  # identifies the frozen backbone + split: methods may cache on it
     split_sha256: str = ""
-    backbone: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_exits(self) -> int:
@@ -91,5 +89,4 @@ def synthetic_task(num_exits: int = 4, n: int = 400, dim: int = 16, num_classes:
     per_block = 1000 * dim
     macs = ViTMacs(embed=100 * dim, blocks=tuple([per_block] * num_exits), head=dim * num_classes)
     key = f"synthetic-{seed}-{n}-{num_exits}-{dim}-{num_classes}-{noise}"
-    return Task("synthetic", seed, num_classes, splits, w, b, macs, key=key, split_sha256="synthetic",
-                backbone="synthetic")
+    return Task("synthetic", seed, num_classes, splits, w, b, macs, key=key, split_sha256="synthetic")

@@ -56,3 +56,13 @@ def test_registry_duplicates_and_did_you_mean():
         reg.get("threshhold")
     with pytest.raises(UserError, match="Known widgets: threshold"):
         reg.get("zzz")
+
+
+def test_a_saved_split_that_differs_is_reported_and_replaced(tmp_path, labels, caplog):
+    s = load_or_make_splits(tmp_path, "toy", labels, 5, 7)
+    (saved,) = list((tmp_path / "splits").glob("toy-*-seed7.json"))
+    payload = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**payload, "sha256": "0" * 64}))
+    assert load_or_make_splits(tmp_path, "toy", labels, 5, 7).sha256 == s.sha256
+    assert "differ from the ones this seed makes now" in caplog.text
+    assert json.loads(saved.read_text())["sha256"] == s.sha256
