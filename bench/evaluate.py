@@ -40,7 +40,8 @@ def prediction_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, floa
 
 class _Outputs:
     """Per-exit logits and float64 softmax per (split, operating point), computed once per evaluation; a
-    method whose logits do not depend on the point (``logits_depend_on_point = False``) shares one copy."""
+    method that declares its logits the same for every point (``logits_depend_on_point = False``) shares one
+    copy across points."""
 
     def __init__(self, method: ExitMethod, task: Task):
         self.method, self.task, self._cache = method, task, {}

@@ -57,8 +57,9 @@ class ExitMethod:
     bound: ClassVar[bool] = False  # an upper bound (reads labels), not a deployable method
     # conformance checks this method fails by nature: {check name: the reason}
     expected_failures: ClassVar[dict[str, str]] = {}
-    # True when exit_logits(split, point) differs between operating points (e.g. JEI-DNN's per-lambda heads)
-    logits_depend_on_point: ClassVar[bool] = False
+    # exit_logits(split, point) may differ between operating points (JEI-DNN trains heads per lambda), so the
+    # harness recomputes them per point unless a method declares its heads shared by every point
+    logits_depend_on_point: ClassVar[bool] = True
 
     def fit(self, task: Task) -> "ExitMethod":
         raise NotImplementedError

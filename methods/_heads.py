@@ -8,6 +8,7 @@ asks for the same hyper-parameters) get identical heads: results are memoised pe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -88,6 +89,8 @@ def train_heads(train: SplitData, val: SplitData, num_classes: int, seed: int, c
 @dataclass
 class CrossEntropyHeadsMethod(ScoreExitMethod):
     """Base of the score-based methods on the shared cross-entropy heads (threshold, entropy, ...)."""
+
+    logits_depend_on_point: ClassVar[bool] = False  # one set of heads serves every threshold
 
     epochs: int = HeadConfig.epochs
     lr: float = HeadConfig.lr

@@ -109,3 +109,34 @@ def test_early_exit_buys_cost_with_little_accuracy(task, fitted):
     acc = (logits[exits, np.arange(len(test))].argmax(1).numpy() == test.labels).mean()
     assert (m.costs_[exits] / task.macs.static).mean() < 0.95
     assert acc >= full - 0.05
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_evaluation_uses_each_points_own_logits(name):
+    """The harness's rows must equal deciding each operating point on that point's own exit_logits (JEI-DNN
+    has heads per lambda: evaluating every lambda on one set of logits would be silently wrong)."""
+    import json
+
+    from bench.evaluate import evaluate_method
+    from bench.task import synthetic_task
+
+    task = synthetic_task(noise=3.0, seed=1)
+    fields = create_method(name).params()
+    # alternate_every=5: JEI-DNN's IM phases run on this small task, so its heads really differ per lambda
+    m = create_method(name, {k: v for k, v in {"epochs": 3, "alternate_every": 5}.items() if k in fields}).fit(task)
+    budgets = [0.4, 0.7]
+    points = m.calibrate(task, budgets)
+    rows, _ = evaluate_method(m, task, points, budgets, splits=("test",))
+    test = task.splits["test"]
+    checked = 0
+    for budget, point in [*zip(budgets, points), *[(None, p) for p in m.native_points(task)]]:
+        if point is None:
+            continue
+        logits = m.exit_logits(test, point)
+        exits = m.decide(logits, point, test.labels if m.bound else None)
+        want = (logits[exits, np.arange(len(exits))].argmax(1).numpy() == test.labels).mean()
+        got = [r["value"] for r in rows if r["metric"] == "accuracy" and r["budget"] == budget
+               and {k: v for k, v in json.loads(r["params"]).items() if k in point.params} == point.params]
+        assert got and got[0] == pytest.approx(want), (point, got, want)
+        checked += 1
+    assert checked >= 1
