@@ -119,14 +119,61 @@ def head_logits(model, feat: torch.Tensor) -> torch.Tensor:
     return model.head(model.fc_norm(feat))
 
 
+class ViTStages:
+    """The staged-forward protocol over a timm ViT; ``bench.msdnet.MSDNet`` implements the same methods itself.
+    ``embed(x) -> h``, ``block(k, h) -> h``, ``exit_feature(k, h) -> [N, D]``, ``select(h, keep) -> h`` (the
+    survivors' rows), ``static_forward(x) -> [N, C]`` (the static network, the timing denominator), and
+    ``exit_logits(K-1, feat)`` (the network's own last head)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.model.blocks)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return embed(self.model, x)
+
+    def block(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return self.model.blocks[k](h)
+
+    def exit_feature(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return exit_feature(self.model, h)
+
+    def exit_logits(self, k: int, feat: torch.Tensor) -> torch.Tensor:
+        assert k == self.num_exits - 1, "a ViT has its own head at the last exit only"
+        return head_logits(self.model, feat)
+
+    @staticmethod
+    def select(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return h[keep]
+
+    def static_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def stages(model):
+    """The staged forward of any backbone this harness runs: the model itself if it implements it (MSDNet),
+    else the ViT adapter."""
+    return model if hasattr(model, "static_forward") else ViTStages(model)
+
+
+def head_params(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's own last head as (weight [C, D], bias [C]) on the last exit's feature."""
+    head = model.classifiers[-1].linear if hasattr(model, "classifiers") else model.head
+    return head.weight.detach().cpu().float(), head.bias.detach().cpu().float()
+
+
 @torch.no_grad()
 def block_features(model, x: torch.Tensor) -> torch.Tensor:
-    """Per-block exit features [K, N, D] for images [N, C, H, W] (K = depth)."""
-    h = embed(model, x)
+    """Per-exit features [K, N, D] for images [N, C, H, W] (K = depth), through the staged forward."""
+    st = stages(model)
+    h = st.embed(x)
     feats = []
-    for blk in model.blocks:
-        h = blk(h)
-        feats.append(exit_feature(model, h))
+    for k in range(st.num_exits):
+        h = st.block(k, h)
+        feats.append(st.exit_feature(k, h))
     return torch.stack(feats)
 
 
@@ -160,7 +207,7 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Ten
 @dataclass
 class TrainedBackbone:
     model: torch.nn.Module  # eval mode, frozen
-    config: BackboneConfig
+    config: "BackboneConfig | MSDNetConfig"  # bench.msdnet.MSDNetConfig for MSDNet
     key: str  # cache key: hash of everything that produced the weights
     val_accuracy: float
     best_epoch: int
@@ -227,15 +274,23 @@ def train_backbone(cfg: BackboneConfig, train_x: np.ndarray, train_y: np.ndarray
     return model, best[0], best[1], history
 
 
-def backbone_key(cfg: BackboneConfig, dataset: str, split_sha: str, seed: int, data_source: str) -> str:
+def _builders(cfg):
+    """(create, train) functions for a backbone configuration: timm ViT or MSDNet."""
+    from bench.msdnet import MSDNetConfig, create_msdnet, train_msdnet
+
+    return (create_msdnet, train_msdnet) if isinstance(cfg, MSDNetConfig) else (create_backbone, train_backbone)
+
+
+def backbone_key(cfg, dataset: str, split_sha: str, seed: int, data_source: str) -> str:
     return config_hash({"backbone": dataclasses.asdict(cfg), "dataset": dataset, "split": split_sha,
                         "seed": seed, "data": data_source, "torch": torch.__version__.split("+")[0], "v": 1})
 
 
-def load_or_train_backbone(cache_dir: Path, cfg: BackboneConfig, dataset, splits, device: str = "cpu",
+def load_or_train_backbone(cache_dir: Path, cfg, dataset, splits, device: str = "cpu",
                            ) -> TrainedBackbone:
     """The backbone for (dataset, split, seed, config): from the checkpoint cache when a valid one exists,
     otherwise trained and saved. A checkpoint that fails to load or was made by another config is rebuilt."""
+    create, train = _builders(cfg)
     key = backbone_key(cfg, dataset.name, splits.sha256, splits.seed, dataset.source)
     path = Path(cache_dir) / "backbones" / f"{dataset.name}-{key}.pt"
     if path.exists():
@@ -243,7 +298,7 @@ def load_or_train_backbone(cache_dir: Path, cfg: BackboneConfig, dataset, splits
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
             if ckpt.get("key") != key:
                 raise ValueError("checkpoint was made by another configuration")
-            model = create_backbone(cfg, dataset.train_x.shape[-1], dataset.num_classes, load_weights=False)
+            model = create(cfg, dataset.train_x.shape[-1], dataset.num_classes, load_weights=False)
             model.load_state_dict(ckpt["state_dict"])
             model.eval().requires_grad_(False)
             return TrainedBackbone(model.to(device), cfg, key, ckpt["val_accuracy"], ckpt["best_epoch"],
@@ -251,9 +306,9 @@ def load_or_train_backbone(cache_dir: Path, cfg: BackboneConfig, dataset, splits
         except Exception as e:  # truncated, corrupt or foreign file: never use it, rebuild
             log.warning("backbone checkpoint %s is unusable (%s: %s); retraining", path, type(e).__name__, e)
     tr, va = splits.train, splits.val
-    model, val_acc, best_epoch, history = train_backbone(
+    model, val_acc, best_epoch, history = train(
         cfg, dataset.train_x[tr], dataset.train_y[tr], dataset.train_x[va], dataset.train_y[va],
-        dataset.num_classes, splits.seed, device, desc=f"train backbone ({dataset.name}, seed {splits.seed})")
+        dataset.num_classes, splits.seed, device, desc=f"train backbone {cfg.model} ({dataset.name}, seed {splits.seed})")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: torch.save({"key": key, "state_dict": state, "val_accuracy": val_acc,
                                                "best_epoch": best_epoch, "history": history,

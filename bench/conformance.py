@@ -393,9 +393,10 @@ def check_streaming(method_factory: MethodFactory, task: Task) -> None:
 
 
 def check_runner_equivalence(method_factory: MethodFactory, task: Task) -> None:
-    """The real runner's path without the backbone (``bench.runner``): after exit k < K-1, ``exit_head`` on the
-    survivors' exit-k features, then ``exit_now``, then compaction. Its logits equal ``exit_logits``'s (to
-    1e-5) and its exits equal ``decide``'s, at every point of the sweep."""
+    """The real runner's path without the backbone (``bench.runner``): after each exit k, ``stream_head`` on the
+    survivors' exit-k features, then (k < K-1) ``exit_now``, then compaction. Its logits equal
+    ``exit_logits``'s (to 1e-5) at every exit, the last included, and its exits equal ``decide``'s, at every
+    point of the sweep."""
     f = _fitted(method_factory, task)
     m, test = f.method, task.splits["test"]
     n, k_exits = len(test), len(m.costs_)
@@ -405,17 +406,22 @@ def check_runner_equivalence(method_factory: MethodFactory, task: Task) -> None:
         got = np.full(n, k_exits - 1, dtype=np.int64)
         alive = np.arange(n)
         state = None
-        for k in range(k_exits - 1):
+        for k in range(k_exits):
             if len(alive) == 0:
                 break
             rows = torch.from_numpy(alive)
-            head = m.exit_head(k, test.features[k, rows], p)
+            try:
+                head, state = m.stream_head(k, test.features[k, rows], p, state)
+            except Exception as e:
+                raise AssertionError(f"{label}: stream_head({k}) failed: {type(e).__name__}: {e}") from None
             want = logits[k, rows]
             assert tuple(head.shape) == tuple(want.shape), \
-                f"{label}: exit_head({k}) has shape {tuple(head.shape)}, expected {tuple(want.shape)}"
+                f"{label}: stream_head({k}) has shape {tuple(head.shape)}, expected {tuple(want.shape)}"
             assert torch.allclose(head.float(), want.float(), atol=1e-5, rtol=1e-5), \
-                f"{label}: exit_head({k}) on the survivors differs from exit_logits[{k}] by up to " \
+                f"{label}: stream_head({k}) on the survivors differs from exit_logits[{k}] by up to " \
                 f"{(head.float() - want.float()).abs().max().item():.3g}"
+            if k == k_exits - 1:
+                break
             try:
                 mask, state = m.exit_now(k, head, p, state)
             except Exception as e:

@@ -79,9 +79,12 @@ __all__ = [
 class ViTMacs:
     """Per-image MACs of a ViT, broken down the way early exits need it."""
 
-    embed: int  # patch embedding conv (per image)
+    embed: int  # patch embedding conv (per image); MSDNet: its stem
     blocks: tuple[int, ...]  # MACs of each transformer block (per image), len = depth
     head: int  # backbone classifier head Linear(D, C) (per image); final norm not counted
+    # MACs to turn block k's output into exit k's feature, for the intermediate exits k < K-1 (empty: free, as
+    # the ViT's CLS token after the final LayerNorm). MSDNet: each classifier's convs. Not part of ``static``.
+    exit_features: tuple[int, ...] = ()
 
     @property
     def static(self) -> int:

@@ -9,6 +9,9 @@ Contract (DESIGN.md):
 - ``native_points(task)`` -> the method's own operating points (e.g. one per lambda), reported with no budget.
 - ``decide(logits, point, targets=None)`` -> exit index [N]; row k of any score uses exits 0..k only. Only a
   bound (``bound = True``, the oracle) may read ``targets``.
+- ``stream_head(k, features_k, point, state)`` -> (logits [N_k, C], state): what the real runner evaluates at
+  exit k (every k, the last included) on the survivors' features; by default ``exit_head`` and the state
+  unchanged. A method whose exit-k prediction uses earlier exits (BoostedNet's ensemble) keeps them in state.
 - ``exit_now(k, logits_k, point, state)`` -> (mask [N_k], state): the streaming form used by the real runner:
   called at exit k < K-1 with the logits of the N_k samples still running; ``state`` is None at k = 0, else
   the dict of per-sample arrays returned at k-1 with the leavers' rows removed. Must equal ``decide``.
@@ -25,7 +28,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from bench.calibration import calibrate_shared_threshold, first_exit
+from bench.calibration import calibrate_thresholds, first_exit
 from bench.errors import UserError
 from bench.registry import Registry
 from bench.task import SplitData, Task
@@ -61,6 +64,12 @@ class ExitMethod:
     # harness recomputes them per point unless a method declares its heads shared by every point
     logits_depend_on_point: ClassVar[bool] = True
 
+    @classmethod
+    def backbone_for(cls, run_backbone: str) -> str:
+        """The network this method's jobs run on, given the run's (``vit`` or ``msdnet``; bench.run.BACKBONE_KINDS).
+        Most methods take the run's; a method that brings its own network (``msdnet``) names it."""
+        return run_backbone
+
     def fit(self, task: Task) -> "ExitMethod":
         raise NotImplementedError
 
@@ -82,6 +91,11 @@ class ExitMethod:
         feats[k] = features_k
         n = features_k.shape[0]
         return self.exit_logits(SplitData(feats, None, np.arange(n)), point)[k]
+
+    def stream_head(self, k: int, features_k: torch.Tensor, point: OperatingPoint | None, state: dict | None
+                    ) -> tuple[torch.Tensor, dict | None]:
+        """Exit k's logits [N_k, C] on the runner's path; must equal ``exit_logits(...)[k]`` on those rows."""
+        return self.exit_head(k, features_k, point), state
 
     def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
                ) -> np.ndarray:
@@ -130,8 +144,19 @@ def create_method(name: str, overrides: dict[str, Any] | None = None) -> ExitMet
 
 @dataclass
 class ScoreExitMethod(ExitMethod):
-    """A rule "leave at the first exit whose score reaches the threshold", with the harness's shared budget
-    calibration. Subclasses define ``score`` (higher = more confident) and how the per-exit logits are made."""
+    """A rule "leave at the first exit whose score reaches its exit's threshold", with the harness's budget
+    calibration (``scheme``: ``shared``, one threshold for every exit, or ``geometric``, MSDNet's per-exit
+    thresholds from target exit shares proportional to r^k; bench.calibration). Subclasses define ``score``
+    (higher = more confident) and how the per-exit logits are made."""
+
+    scheme: str = "shared"
+
+    def __post_init__(self):
+        from bench.calibration import SCHEMES
+
+        if self.scheme not in SCHEMES:
+            raise UserError(f"--set {self.name}.scheme={self.scheme}: the calibration scheme must be one of "
+                            f"{', '.join(SCHEMES)}.")
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-exit scores [..., ] from logits [..., C]; must depend on that exit's logits only."""
@@ -159,18 +184,23 @@ class ScoreExitMethod(ExitMethod):
         self.check_fitted()
         val = self.scores(self.exit_logits(task.splits["val"]))
         costs_rel = self.costs_ / task.macs.static
-        return [None if r is None else OperatingPoint({"threshold": r[0], "scheme": "shared"}, r[1])
-                for r in calibrate_shared_threshold(val, costs_rel, budgets)]
+        return [None if r is None else OperatingPoint(r[0], r[1])
+                for r in calibrate_thresholds(self.scheme, val, costs_rel, budgets)]
+
+    @staticmethod
+    def _threshold(point: OperatingPoint, k: int | None = None):
+        t = point.params["threshold"]
+        return t if k is None or np.ndim(t) == 0 else t[k]
 
     def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
                ) -> np.ndarray:
         self.check_logits(logits)
-        return first_exit(self.scores(logits), point.params["threshold"])
+        return first_exit(self.scores(logits), self._threshold(point))
 
     def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint, state: dict | None
                  ) -> tuple[np.ndarray, dict]:
         self.check_exit_logits(logits_k, f"{self.name}.exit_now")
-        return self.scores(logits_k) >= point.params["threshold"], {}
+        return self.scores(logits_k) >= self._threshold(point, k), dict(state or {})
 
 
 def stream_decide(method: ExitMethod, logits: torch.Tensor, point: OperatingPoint) -> np.ndarray:

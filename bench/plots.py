@@ -75,12 +75,17 @@ def plot_metric_vs_cost(agg: pd.DataFrame, metric: str, ylabel: str | None = Non
     p = points(agg, metric, **conformal)
     if p.empty:
         return None
+    # macs_rel is relative to each network's own static cost: with several networks, plot absolute MACs
+    absolute = (agg.groupby("dataset")["backbone"].nunique() > 1).any()
+    if absolute:
+        p = points(agg, metric, x_metric="macs", **conformal)
+        p[["x", "xerr"]] = p[["x", "xerr"]] / 1e6
     datasets = list(dict.fromkeys(p["dataset"]))
     fig, axes = _grid(datasets)
     palette = _palette(p["label"])
     for ax, ds in zip(axes[0], datasets):
         _draw_curves(ax, p[p["dataset"] == ds], palette, ceiling)
-        ax.set_xlabel("MACs relative to the backbone (test)")
+        ax.set_xlabel("MACs per image, millions (test)" if absolute else "MACs relative to the backbone (test)")
         ax.set_ylabel(ylabel or metric)
         ax.set_title(f"{ds}" + (f" — {title}" if title else ""))
         ax.legend(fontsize="small")

@@ -75,9 +75,10 @@ def _check_comparable(df: pd.DataFrame) -> None:
 
 def _label(df: pd.DataFrame) -> pd.DataFrame:
     """``label``: the display name. Bounds are marked (``method_label``); a method present in several runs of the
-    same dataset (e.g. two JEI-DNN variants) gets its run id appended. The static backbone is kept once."""
+    same dataset (e.g. two JEI-DNN variants) gets its run id appended; where a dataset's rows come from several
+    networks (``msdnet`` brings its own), labels name the network. Each static backbone is kept once."""
     import methods  # noqa: F401  (registers the methods, so bounds are recognised)
-    from bench.summary import method_label
+    from bench.summary import method_label, with_backbone
 
     static = df["method"] == "static"
     first = df[static].groupby(["dataset", "backbone", "seed"])["run_id"].first().rename("_first")
@@ -85,8 +86,9 @@ def _label(df: pd.DataFrame) -> pd.DataFrame:
     df = df[~static | (df["run_id"] == df["_first"])].drop(columns="_first").reset_index(drop=True)
     runs_per = df[df["method"] != "static"].groupby(["dataset", "method"])["run_id"].nunique()
     dup = {k for k, v in runs_per.items() if v > 1}
-    df["label"] = [method_label(m) + (f" [{r}]" if (ds, m) in dup else "")
-                   for ds, m, r in zip(df["dataset"], df["method"], df["run_id"])]
+    several = df.groupby("dataset")["backbone"].nunique().to_dict()
+    df["label"] = [with_backbone(method_label(m), b, several[ds] > 1) + (f" [{r}]" if (ds, m) in dup else "")
+                   for ds, m, b, r in zip(df["dataset"], df["method"], df["backbone"], df["run_id"])]
     return df
 
 

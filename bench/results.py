@@ -22,12 +22,14 @@ DECISION_COLUMNS = ["split", "seed", "method", "budget", "sample_id", "exit", "p
 
 def metrics_frame(rows: list[dict], run_id: str, dataset: str, backbone: str,
                   split_sha256: dict[int, str]) -> pd.DataFrame:
-    """The tidy table; ``split_sha256`` maps each seed to the hash of its splits, recorded on every row."""
+    """The tidy table; ``split_sha256`` maps each seed to the hash of its splits, recorded on every row.
+    ``backbone`` fills the rows that do not name their own (a run's methods may run on different networks)."""
     df = pd.DataFrame(rows)
     df["split_sha256"] = df["seed"].map(split_sha256)
     df.insert(0, "run_id", run_id)
     df.insert(1, "dataset", dataset)
-    df.insert(4, "backbone", backbone)
+    own = df.pop("backbone") if "backbone" in df else pd.Series(None, index=df.index, dtype=object)
+    df.insert(4, "backbone", own.fillna(backbone))
     df["exit"] = df["exit"].astype("Int64")
     return df[METRIC_COLUMNS]
 

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.backbone import BackboneConfig, create_backbone, default_config, load_or_train_backbone
+from bench.backbone import BackboneConfig, create_backbone, default_config, head_params, load_or_train_backbone
 from bench.errors import UserError
 from bench.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.features import load_or_compute_features
-from bench.flops import analytic_vit_macs, fvcore_vit_macs
+from bench.flops import ViTMacs, analytic_vit_macs, fvcore_vit_macs
+from bench.msdnet import MSDNet, MSDNetConfig, default_msdnet_config, msdnet_macs
 from bench.hashing import atomic_write_text, config_hash
 from bench.interface import METHODS, create_method
 from bench.results import decisions_frame, metrics_frame, provenance, write_csv, write_json
@@ -31,6 +32,11 @@ from bench.summary import summary_table
 from bench.task import SplitData, Task
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
+# The networks a job can run on: the run's timm ViT (frozen; methods train heads on its cached features), MSDNet
+# trained with the sum of its exits' cross-entropies, and MSDNet trained as BoostedNet. A method picks one from
+# the run's backbone (ExitMethod.backbone_for): ``msdnet`` always brings its own network.
+BACKBONE_KINDS = ("vit", "msdnet", "msdnet-boosted")
+MSDNET_FIELDS = frozenset(f.name for f in dataclasses.fields(MSDNetConfig))
 
 
 def default_cache_dir() -> Path:
@@ -43,7 +49,7 @@ def default_cache_dir() -> Path:
 class RunConfig:
     methods: list[str]
     dataset: str = "digits"
-    backbone: str | None = None  # timm model name; None: the dataset's default
+    backbone: str | None = None  # timm model name or "msdnet"; None: the dataset's default ViT
     seeds: list[int] = field(default_factory=lambda: [0])
     budgets: list[float] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
     # {"threshold": {"epochs": 5}, "backbone": {"depth": 4}}: from --set METHOD.FIELD=VALUE
@@ -62,7 +68,38 @@ class RunConfig:
     scheduler: str | None = None  # dask scheduler address, tcp://HOST:PORT
     retries: int = 1  # extra attempts for a failed job before the run reports it
 
-    def backbone_config(self) -> BackboneConfig:
+    @property
+    def backbone_kind(self) -> str:
+        """The run's backbone: ``msdnet`` or ``vit``."""
+        return "msdnet" if self.backbone == "msdnet" else "vit"
+
+    def method_kind(self, method: str) -> str:
+        """The backbone kind a method's jobs run on."""
+        kind = METHODS.get(method).backbone_for(self.backbone_kind)
+        assert kind in BACKBONE_KINDS, kind
+        return kind
+
+    def kinds(self) -> list[str]:
+        """Every backbone kind this run trains, the run's own first."""
+        return list(dict.fromkeys([self.backbone_kind, *(self.method_kind(m) for m in self.methods)]))
+
+    def static_kinds(self) -> list[str]:
+        """The networks whose static rows are written (BoostedNet's training has no static network of its own:
+        its architecture and cost are MSDNet's)."""
+        return [k for k in dict.fromkeys([self.backbone_kind, *(k.replace("-boosted", "") for k in self.kinds())])]
+
+    def method_overrides(self, method: str) -> dict[str, Any]:
+        """``--set METHOD.FIELD`` values for the method itself (``msdnet.FIELD`` also configures MSDNet's
+        network: those keys are the network's, see ``backbone_config``)."""
+        o = dict(self.overrides.get(method, {}))
+        if method == "msdnet":
+            o = {k: v for k, v in o.items() if k not in MSDNET_FIELDS}
+        return o
+
+    def backbone_config(self, kind: str | None = None) -> "BackboneConfig | MSDNetConfig":
+        kind = kind or self.backbone_kind
+        if kind != "vit":
+            return self.msdnet_config(kind)
         cfg = default_config(self.dataset)
         changes: dict[str, Any] = dict(self.overrides.get("backbone", {}))
         if self.backbone:
@@ -76,12 +113,38 @@ class RunConfig:
                             f"Fields: {', '.join(sorted(names))}.")
         return cfg.replace(**changes)
 
+    def msdnet_config(self, kind: str = "msdnet") -> MSDNetConfig:
+        """MSDNet's configuration: the dataset's default, then ``--set backbone.FIELD`` (when ``--backbone
+        msdnet``), then ``--set msdnet.FIELD``; ``msdnet-boosted`` is the same network trained as BoostedNet."""
+        changes: dict[str, Any] = dict(self.overrides.get("backbone", {})) if self.backbone_kind == "msdnet" else {}
+        for name, value in self.overrides.get("msdnet", {}).items():
+            if name not in MSDNET_FIELDS:
+                continue  # the msdnet method's own fields
+            if name in changes and changes[name] != value:
+                raise UserError(f"--set backbone.{name}={changes[name]} and --set msdnet.{name}={value} disagree; "
+                                "both configure the one MSDNet of this run. Give one of them.")
+            changes[name] = value
+        if kind == "msdnet-boosted":
+            changes["training"] = "boosted"
+        bad = sorted(set(changes) - MSDNET_FIELDS)
+        if bad:
+            raise UserError(f"--set backbone.{bad[0]}: MSDNet has no field {bad[0]!r}. "
+                            f"Fields: {', '.join(sorted(MSDNET_FIELDS))}.")
+        for name in ("gr_factor", "bn_factor", "lr_milestones"):
+            if name in changes and isinstance(changes[name], list):
+                changes[name] = tuple(changes[name])
+        return default_msdnet_config(self.dataset).replace(**changes)
+
     def identity(self) -> dict:
         """What determines the numbers (not where files live, nor the thread count)."""
-        return {"methods": self.methods, "dataset": self.dataset, "seeds": self.seeds, "budgets": self.budgets,
-                "backbone": dataclasses.asdict(self.backbone_config()),
-                "method_params": {m: create_method(m, self.overrides.get(m)).params() for m in self.methods},
-                "device": self.device}
+        out = {"methods": self.methods, "dataset": self.dataset, "seeds": self.seeds, "budgets": self.budgets,
+               "backbone": dataclasses.asdict(self.backbone_config()),
+               "method_params": {m: create_method(m, self.method_overrides(m)).params() for m in self.methods},
+               "device": self.device}
+        others = {k: dataclasses.asdict(self.backbone_config(k)) for k in self.kinds() if k != self.backbone_kind}
+        if others:  # absent for single-backbone runs, so their run ids are unchanged
+            out["other_backbones"] = others
+        return out
 
     @property
     def run_id(self) -> str:
@@ -102,8 +165,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--methods lists a method twice: {','.join(cfg.methods)}.")
     if cfg.dataset not in list_datasets():
         raise UserError(unknown_name_message("dataset", cfg.dataset, list_datasets()))
+    uses_msdnet = cfg.backbone_kind == "msdnet" or any(cfg.method_kind(m) != "vit" for m in cfg.methods)
     for key in cfg.overrides:
-        if key != "backbone" and key not in cfg.methods:
+        if key != "backbone" and key not in cfg.methods and not (key == "msdnet" and uses_msdnet):
             raise UserError(f"--set {key}.FIELD=...: {key!r} is neither 'backbone' nor one of the methods of "
                             f"this run ({', '.join(cfg.methods)}).")
     for b in cfg.budgets:
@@ -128,18 +192,22 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--timing-batch {cfg.timing_batch}: give a positive batch size.")
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads {cfg.threads}: give a positive number of threads.")
-    bcfg = cfg.backbone_config()
-    if cfg.backbone and not cfg.backbone.startswith("vit_"):
-        raise UserError(f"--backbone {cfg.backbone!r}: only timm Vision Transformers (vit_*) expose the per-block "
-                        "exits this harness uses; `python -m bench ls` lists them.")
-    if cfg.backbone:
-        import timm
-
-        if not timm.is_model(bcfg.model):
-            raise UserError(unknown_name_message("backbone", bcfg.model, timm.list_models("vit_*")))
-    create_backbone(bcfg, in_chans=1, num_classes=2, load_weights=False)  # inconsistent sizes fail here
+    if cfg.backbone and cfg.backbone != "msdnet" and not cfg.backbone.startswith("vit_"):
+        raise UserError(f"--backbone {cfg.backbone!r}: use msdnet or a timm Vision Transformer (vit_*), whose "
+                        "per-block exits this harness uses; `python -m bench ls` lists them.")
     for m in cfg.methods:
-        create_method(m, cfg.overrides.get(m))  # unknown fields fail here
+        create_method(m, cfg.method_overrides(m))  # unknown fields fail here
+    for kind in cfg.kinds():  # inconsistent sizes fail here, before any training
+        bcfg = cfg.backbone_config(kind)
+        if kind != "vit":
+            MSDNet(bcfg, in_chans=1, num_classes=2)
+            continue
+        if cfg.backbone:
+            import timm
+
+            if not timm.is_model(bcfg.model):
+                raise UserError(unknown_name_message("backbone", bcfg.model, timm.list_models("vit_*")))
+        create_backbone(bcfg, in_chans=1, num_classes=2, load_weights=False)
 
 
 def prepare_out(cfg: RunConfig) -> Path:
@@ -168,25 +236,38 @@ def prepare_out(cfg: RunConfig) -> Path:
     return out
 
 
-def build_task(dataset, splits, backbone, feats: dict[str, torch.Tensor], macs) -> Task:
+def build_task(dataset, splits, backbone, feats: dict[str, torch.Tensor], macs, kind: str = "vit") -> Task:
     parts = {}
     for name in ("train", "val", "cal"):
         idx = splits[name]
         parts[name] = SplitData(feats["train"][:, torch.from_numpy(idx)], dataset.train_y[idx], idx)
     parts["test"] = SplitData(feats["test"], dataset.test_y, splits.test)
-    head = backbone.model.head
-    return Task(dataset.name, splits.seed, dataset.num_classes, parts, head.weight.detach().cpu().float(),
-                head.bias.detach().cpu().float(), macs, key=backbone.key, split_sha256=splits.sha256)
+    weight, bias = head_params(backbone.model)
+    exit_heads = None
+    if isinstance(backbone.model, MSDNet):  # its own classifiers: weight [K, D, C], bias [K, C]
+        lins = [c.linear for c in backbone.model.classifiers]
+        exit_heads = (torch.stack([lin.weight.detach().cpu().float().T for lin in lins]),
+                      torch.stack([lin.bias.detach().cpu().float() for lin in lins]))
+    return Task(dataset.name, splits.seed, dataset.num_classes, parts, weight, bias, macs, key=backbone.key,
+                split_sha256=splits.sha256, backbone=kind, exit_heads=exit_heads)
 
 
-def describe_backbone(c: BackboneConfig) -> str:
+def describe_backbone(c: "BackboneConfig | MSDNetConfig") -> str:
+    if isinstance(c, MSDNetConfig):
+        boosted = ",boosted" if c.training == "boosted" else ""
+        return f"msdnet(img{c.img_size},b{c.n_blocks},c{c.channels},g{c.growth_rate}{boosted})"
     if c.pretrained:
         return f"{c.model}(pretrained,img{c.img_size})"
     return f"{c.model}(img{c.img_size},p{c.patch_size},d{c.embed_dim},L{c.depth})"
 
 
-def count_macs(model):
-    """Per-block MACs from fvcore (attention included), checked against the analytic count (the arbiter)."""
+def count_macs(model) -> ViTMacs:
+    """Per-block MACs from fvcore (attention included), checked against the analytic count (the arbiter).
+    MSDNet: fvcore on every part (bench.msdnet.msdnet_macs), each classifier's convs as its exit's feature."""
+    if isinstance(model, MSDNet):
+        m = msdnet_macs(model)
+        return ViTMacs(embed=m.stem, blocks=m.blocks, head=m.classifier_features[-1] + m.classifier_linear[-1],
+                       exit_features=m.classifier_features[:-1])
     counted, analytic = fvcore_vit_macs(model), analytic_vit_macs(model)
     if abs(counted.static - analytic.static) > 0.01 * analytic.static:
         raise RuntimeError(f"fvcore ({counted.static}) and analytic ({analytic.static}) MACs differ by > 1 %")
@@ -213,13 +294,20 @@ def timing_rows(method, task: Task, points, cfg: RunConfig, backbone, dataset) -
     return rows
 
 
-def seed_artefacts(cfg: RunConfig, dataset, seed: int, cache: Path):
-    """Split, backbone and features of one seed (built once, then served from the cache) and its Task."""
+def seed_artefacts(cfg: RunConfig, dataset, seed: int, cache: Path, kind: str | None = None):
+    """Split, backbone (of ``kind``, default the run's) and features of one seed (built once, then served from
+    the cache) and its Task."""
+    kind = kind or cfg.backbone_kind
     splits = load_or_make_splits(cache, dataset.name, dataset.train_y, len(dataset.test_y), seed)
-    backbone = load_or_train_backbone(cache, cfg.backbone_config(), dataset, splits, cfg.device)
+    backbone = load_or_train_backbone(cache, cfg.backbone_config(kind), dataset, splits, cfg.device)
     feats = load_or_compute_features(cache, backbone, dataset, cfg.device)
-    task = build_task(dataset, splits, backbone, feats, count_macs(backbone.model.cpu()))
+    task = build_task(dataset, splits, backbone, feats, count_macs(backbone.model.cpu()), kind)
     return splits, backbone, task
+
+
+def static_job(kind: str) -> str:
+    """Job name of a backbone's static rows: ``static`` for the run's own, ``static@msdnet`` for another."""
+    return "static" if kind == "vit" else f"static@{kind}"
 
 
 _PROCESS_MEMO: dict = {}  # the last seed's dataset and task, so in-process jobs of one seed load them once
@@ -228,8 +316,8 @@ _PROCESS_MEMO: dict = {}  # the last seed's dataset and task, so in-process jobs
 def run_job(cfg: RunConfig, seed: int, method_name: str) -> dict:
     """One job of a sweep: fit one method on one seed's cached features and evaluate every budget. Pure given
     the cache (built beforehand by ``execute``), so any executor may run it, and rerun it after a fault.
-    Returns {"rows": metric rows, "decisions": decision blocks}; ``method_name == "static"`` gives the static
-    backbone's rows."""
+    Returns {"rows": metric rows, "decisions": decision blocks}, every row tagged with its backbone;
+    ``method_name`` ``static`` / ``static@msdnet`` gives a static backbone's rows."""
     import methods  # noqa: F401  (a fresh worker process registers the methods)
     from datasets import load_dataset
 
@@ -237,20 +325,29 @@ def run_job(cfg: RunConfig, seed: int, method_name: str) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    key = (cfg.dataset, cfg.data_dir, str(cache), seed, config_hash(dataclasses.asdict(cfg.backbone_config())))
+    if method_name.startswith("static"):
+        kind = method_name.partition("@")[2] or "vit"
+    else:
+        kind = cfg.method_kind(method_name)
+    key = (cfg.dataset, cfg.data_dir, str(cache), seed)
     if _PROCESS_MEMO.get("key") != key:
         _PROCESS_MEMO.clear()
-        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=False)
-        _PROCESS_MEMO.update(key=key, dataset=dataset, artefacts=seed_artefacts(cfg, dataset, seed, cache))
-    dataset, (_, backbone, task) = _PROCESS_MEMO["dataset"], _PROCESS_MEMO["artefacts"]
-    if method_name == "static":
-        return {"rows": static_backbone_rows(task), "decisions": []}
-    method = create_method(method_name, cfg.overrides.get(method_name)).fit(task)
+        _PROCESS_MEMO.update(key=key, dataset=load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=False),
+                             artefacts={})
+    dataset, memo = _PROCESS_MEMO["dataset"], _PROCESS_MEMO["artefacts"]
+    bkey = config_hash(dataclasses.asdict(cfg.backbone_config(kind)))
+    if bkey not in memo:
+        memo[bkey] = seed_artefacts(cfg, dataset, seed, cache, kind)
+    _, backbone, task = memo[bkey]
+    described = describe_backbone(backbone.config)
+    if method_name.startswith("static"):
+        return {"rows": [{**r, "backbone": described} for r in static_backbone_rows(task)], "decisions": []}
+    method = create_method(method_name, cfg.method_overrides(method_name)).fit(task)
     points = method.calibrate(task, cfg.budgets)
     rows, decisions = evaluate_method(method, task, points, cfg.budgets)
     if cfg.timing and not method.bound:
         rows += timing_rows(method, task, points, cfg, backbone, dataset)
-    return {"rows": rows, "decisions": decisions}
+    return {"rows": [{**r, "backbone": described} for r in rows], "decisions": decisions}
 
 
 def execute(cfg: RunConfig, log=print) -> Path:
@@ -276,15 +373,20 @@ def execute(cfg: RunConfig, log=print) -> Path:
     bcfg = cfg.backbone_config()
     seeds_info = {}
     for seed in cfg.seeds:
-        torch.manual_seed(seed)
-        splits, backbone, task = seed_artefacts(cfg, dataset, seed, cache)
-        seeds_info[seed] = {"split_sha256": splits.sha256, "backbone_key": backbone.key,
-                            "backbone_val_accuracy": backbone.val_accuracy, "backbone_best_epoch": backbone.best_epoch,
-                            "backbone_train_seconds": (backbone.history[-1].get("seconds")
-                                                       if backbone.history else None),
-                            "static_macs": task.macs.static,
-                            "split_sizes": {k: int(len(splits[k])) for k in ("train", "val", "cal", "test")}}
-    jobs = [(seed, name) for seed in cfg.seeds for name in ["static", *cfg.methods]]
+        for kind in cfg.kinds():
+            torch.manual_seed(seed)
+            splits, backbone, task = seed_artefacts(cfg, dataset, seed, cache, kind)
+            info = {"backbone_key": backbone.key, "backbone_val_accuracy": backbone.val_accuracy,
+                    "backbone_best_epoch": backbone.best_epoch,
+                    "backbone_train_seconds": (backbone.history[-1].get("seconds") if backbone.history else None),
+                    "static_macs": task.macs.static}
+            if kind == cfg.backbone_kind:
+                seeds_info[seed] = {"split_sha256": splits.sha256, **info,
+                                    "split_sizes": {k: int(len(splits[k])) for k in ("train", "val", "cal", "test")}}
+            else:
+                seeds_info[seed].setdefault("other_backbones", {})[kind] = info
+    jobs = [(seed, name) for seed in cfg.seeds
+            for name in [*(static_job(k) for k in cfg.static_kinds()), *cfg.methods]]
     try:
         results = run_jobs(cfg, jobs, out / "jobs", log)  # JobFailures (exit 1) names the failed jobs
         rows = [r for job in jobs for r in results[job]["rows"]]

@@ -1,8 +1,9 @@
 """Real early exit: run the backbone block by block on raw images and drop samples as they exit.
 
-After block k the survivors' exit-k features go through the method's exit head and its streaming rule
-(``exit_now``); the rows that leave are removed from the token tensor (survivor compaction), so an exited
-sample never enters a later block. The predictions and exits must equal the simulated ones computed from the
+After block k the survivors' exit-k features go through the method's exit head (``stream_head``) and its
+streaming rule (``exit_now``); the rows that leave are removed from the block state (survivor compaction: the
+ViT's tokens, or every scale map of MSDNet), so an exited sample never enters a later block. The backbone is
+driven through its staged forward (``bench.backbone.stages``). The predictions and exits must equal the simulated ones computed from the
 feature cache: exactly on CPU in float32 (tested), within a stated tolerance on CUDA.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bench.backbone import embed, exit_feature, head_logits, to_tensor
+from bench.backbone import stages, to_tensor
 from bench.interface import ExitMethod, OperatingPoint
 
 
@@ -30,24 +31,23 @@ def run_early_exit(model, method: ExitMethod, point: OperatingPoint, x: torch.Te
     """Early-exit inference on images x [N, C, H, W] (already on the model's device)."""
     if method.bound:
         raise ValueError(f"{method.name} is a bound that reads labels; it cannot run as a real early exit")
-    depth = len(model.blocks)
+    st = stages(model)
+    depth = st.num_exits
     n = x.shape[0]
     exits = np.full(n, depth - 1, dtype=np.int64)
     out: torch.Tensor | None = None
     block_rows = [0] * depth
     for start in range(0, n, batch_size):
-        h = embed(model, x[start:start + batch_size])
+        h = st.embed(x[start:start + batch_size])
         alive = np.arange(start, min(start + batch_size, n))
         state = None
-        for k, blk in enumerate(model.blocks):
+        for k in range(depth):
             block_rows[k] += len(alive)
-            h = blk(h)
-            f = exit_feature(model, h)
+            h = st.block(k, h)
+            logits, state = method.stream_head(k, st.exit_feature(k, h).float().cpu(), point, state)
             if k == depth - 1:
-                logits = head_logits(model, f)
                 leave = np.ones(len(alive), dtype=bool)
             else:
-                logits = method.exit_head(k, f.float().cpu(), point)
                 leave, state = method.exit_now(k, logits, point, state)
                 leave = np.asarray(leave, dtype=bool)
             if out is None:
@@ -58,7 +58,7 @@ def run_early_exit(model, method: ExitMethod, point: OperatingPoint, x: torch.Te
             if not keep.any():
                 break
             alive = alive[keep]
-            h = h[torch.from_numpy(keep).to(h.device)]
+            h = st.select(h, torch.from_numpy(keep).to(x.device))
             state = {key: np.asarray(v)[keep] for key, v in (state or {}).items()}
     return EarlyExitResult(exits, out, block_rows)
 
@@ -91,7 +91,7 @@ def timing_metrics(model, method: ExitMethod, point: OperatingPoint, x_uint8: np
     model = model.to(device).eval()
     x = to_tensor(x_uint8[:batch_size], img_size).to(device)
     ee = np.median(time_call(lambda: run_early_exit(model, method, point, x, batch_size), device, repeats))
-    static = np.median(time_call(lambda: model(x), device, repeats))
+    static = np.median(time_call(lambda: stages(model).static_forward(x), device, repeats))
     singles = to_tensor(x_uint8[:n_latency], img_size).to(device)
     lat = []
     for i in range(len(singles)):

@@ -22,6 +22,16 @@ def method_label(method: str) -> str:
     return f"{method} (upper bound)" if is_bound(method) else method
 
 
+def backbone_short(backbone: str) -> str:
+    """``msdnet(img28,b4,...)`` -> ``msdnet``: the network's name without its configuration."""
+    return str(backbone).split("(")[0]
+
+
+def with_backbone(label: str, backbone: str, several: bool) -> str:
+    """A table/figure label, naming the network when a dataset's rows come from several."""
+    return f"{label} @ {backbone_short(backbone)}" if several else label
+
+
 def _cell(values: pd.Series, digits: int) -> str:
     v = values.to_numpy(dtype=float)
     if np.isnan(v).all():
@@ -32,19 +42,22 @@ def _cell(values: pd.Series, digits: int) -> str:
 
 
 def summary_table(df: pd.DataFrame, split: str = "test") -> str:
-    """Markdown table: one row per dataset x method x budget (plus the static backbone), columns
-    accuracy / realised macs_rel / ECE over the seeds."""
+    """Markdown table: one row per dataset x backbone x method x budget (plus each static backbone), columns
+    accuracy / realised macs_rel / ECE over the seeds. When a run used several networks (``msdnet`` brings its
+    own), labels name the network and ``macs_rel`` is relative to that network's static cost."""
     d = df[(df["split"] == split) & df["exit"].isna() & df["metric"].isin(SUMMARY_METRICS)].copy()
     # budget rows and the static backbone; a method's native points (empty budget) are listed elsewhere
     d = d[d["budget"].notna() | (d["method"] == "static")]
     d["budget_key"] = d["budget"].fillna(-1.0)
     lines = [f"| dataset | method | budget | accuracy | macs_rel ({split}) | ECE | seeds |",
              "|---|---|---|---|---|---|---|"]
-    for (dataset, method, budget), g in d.groupby(["dataset", "method", "budget_key"], sort=False):
+    several = d.groupby("dataset")["backbone"].nunique().to_dict()
+    for (dataset, backbone, method, budget), g in d.groupby(["dataset", "backbone", "method", "budget_key"],
+                                                             sort=False):
         cells = {m: _cell(g[g["metric"] == m].sort_values("seed")["value"], 4 if m != "macs_rel" else 3)
                  for m in SUMMARY_METRICS}
         label = "—" if budget < 0 else f"{budget:g}"
-        name = method_label(method)
+        name = with_backbone(method_label(method), backbone, several[dataset] > 1)
         lines.append(f"| {dataset} | {name} | {label} | {cells['accuracy']} | {cells['macs_rel']} | "
                      f"{cells['ece']} | {g['seed'].nunique()} |")
     return "\n".join(lines)

@@ -39,6 +39,10 @@ class Task:
     macs: ViTMacs  # per-image MACs of the static backbone, per block
     key: str  # identifies the frozen backbone + split: methods may cache on it
     split_sha256: str = ""
+    backbone: str = "vit"  # vit | msdnet | msdnet-boosted (bench.run.BACKBONE_KINDS)
+    # a multi-exit backbone's own trained exit classifiers (MSDNet): weight [K, D, C], bias [K, C]; None for a
+    # single-exit backbone, whose intermediate heads the methods train themselves
+    exit_heads: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_exits(self) -> int:
@@ -54,11 +58,15 @@ class Task:
 
     def exit_costs(self, extra_per_exit: np.ndarray) -> np.ndarray:
         """Cumulative per-image MACs [K] of leaving at each exit: backbone blocks run, plus
-        ``extra_per_exit`` [K-1] (head + decision of each intermediate exit evaluated on the way), plus the
-        backbone's head at the last exit. So the last exit costs the static backbone plus all overheads."""
+        ``extra_per_exit`` [K-1] (head + decision of each intermediate exit evaluated on the way) and the cost of
+        each intermediate exit's feature (``macs.exit_features``; zero for the ViT), plus the backbone's head at
+        the last exit. So the last exit costs the static backbone plus all overheads."""
         k = self.num_exits
         extra = np.asarray(extra_per_exit, dtype=np.int64)
         assert extra.shape == (k - 1,), (extra.shape, k)
+        if self.macs.exit_features:
+            assert len(self.macs.exit_features) == k - 1, (self.macs.exit_features, k)
+            extra = extra + np.asarray(self.macs.exit_features, dtype=np.int64)
         cost = self.macs.cumulative_blocks().astype(np.int64).copy()
         cost[:-1] += np.cumsum(extra)
         cost[-1] += extra.sum() + self.macs.head

@@ -1,7 +1,8 @@
 """Shared cross-entropy inference heads (IMs) on cached features.
 
 One ``Linear(D, C)`` per intermediate exit (exits 0..K-2), trained with plain cross-entropy; the backbone's
-own head is the last exit. All heads train at once as one batched einsum (their losses are independent), and
+own head is the last exit. On a multi-exit backbone (MSDNet) the heads are the network's own classifiers,
+trained with it: "threshold on MSDNet" is then MSDNet's exits under the threshold rule. All heads train at once as one batched einsum (their losses are independent), and
 each head keeps the epoch with its best validation accuracy. ``threshold``, ``entropy`` (and any method that
 asks for the same hyper-parameters) get identical heads: results are memoised per (task, hyper-parameters).
 """
@@ -45,6 +46,11 @@ _MEMO: dict[tuple, LinearHeads] = {}
 
 
 def shared_heads(task: Task, cfg: HeadConfig) -> LinearHeads:
+    """The heads on this task's intermediate exits: a multi-exit backbone's own trained classifiers (MSDNet's),
+    else linear heads trained here with ``cfg``."""
+    if task.exit_heads is not None:
+        w, b = task.exit_heads
+        return LinearHeads(w[:-1], b[:-1], np.full(len(w) - 1, np.nan))
     key = (task.key, task.seed, cfg)
     if key not in _MEMO:
         _MEMO.clear()  # one task at a time is enough, and keeps memory flat over a sweep
@@ -86,24 +92,18 @@ def train_heads(train: SplitData, val: SplitData, num_classes: int, seed: int, c
     return LinearHeads(best_w, best_b, best_acc.numpy())
 
 
-@dataclass
-class CrossEntropyHeadsMethod(ScoreExitMethod):
-    """Base of the score-based methods on the shared cross-entropy heads (threshold, entropy, ...)."""
+class OnSharedHeads:
+    """Mixin: per-exit logits from the shared heads (``shared_heads``) and the backbone's own last head.
+    ``_fit_heads`` sets ``heads_`` and the costs: each intermediate exit adds its head (D*C MACs), the
+    decision (``decision_macs``) and, on MSDNet, its classifier's convs (``Task.exit_costs``)."""
 
     logits_depend_on_point: ClassVar[bool] = False  # one set of heads serves every threshold
 
-    epochs: int = HeadConfig.epochs
-    lr: float = HeadConfig.lr
-    weight_decay: float = HeadConfig.weight_decay
-    batch_size: int = HeadConfig.batch_size
-
-    def fit(self, task: Task) -> "CrossEntropyHeadsMethod":
-        cfg = HeadConfig(self.epochs, self.lr, self.weight_decay, self.batch_size)
+    def _fit_heads(self, task: Task, cfg: HeadConfig) -> None:
         self.heads_ = shared_heads(task, cfg)
         self.head_weight_, self.head_bias_ = task.head_weight, task.head_bias
         per_exit = task.im_head_macs() + self.decision_macs(task.num_classes)
         self.costs_ = task.exit_costs(np.full(task.num_exits - 1, per_exit))
-        return self
 
     def exit_head(self, k: int, features_k: torch.Tensor, point=None) -> torch.Tensor:
         with torch.no_grad():
@@ -117,3 +117,17 @@ class CrossEntropyHeadsMethod(ScoreExitMethod):
         with torch.no_grad():
             last = split.features[-1] @ self.head_weight_.T + self.head_bias_
             return torch.cat([self.heads_.logits(split.features), last[None]])
+
+
+@dataclass
+class CrossEntropyHeadsMethod(OnSharedHeads, ScoreExitMethod):
+    """Base of the score-based methods on the shared cross-entropy heads (threshold, entropy, ...)."""
+
+    epochs: int = HeadConfig.epochs
+    lr: float = HeadConfig.lr
+    weight_decay: float = HeadConfig.weight_decay
+    batch_size: int = HeadConfig.batch_size
+
+    def fit(self, task: Task) -> "CrossEntropyHeadsMethod":
+        self._fit_heads(task, HeadConfig(self.epochs, self.lr, self.weight_decay, self.batch_size))
+        return self

@@ -100,7 +100,7 @@ def test_same_command_reuses_out_and_other_config_is_refused(run_dir, capsys):
     (["--set", "threshold.nope=1"], "has no field 'nope'"),
     (["--set", "jeidnn.lam=1"], "neither 'backbone' nor one of the methods"),
     (["--set", "backbone.depthh=2"], "the backbone has no field 'depthh'"),
-    (["--backbone", "resnet50"], "only timm Vision Transformers"),
+    (["--backbone", "resnet50"], "use msdnet or a timm Vision Transformer"),
     (["--device", "cuda"], "no CUDA device"),
     (["--seeds", "0,-1"], "distinct non-negative integers"),
     (["--pretrained"], "Pretrained weights for 'vit_tiny_patch16_224' could not be loaded"),  # offline hub

@@ -1,0 +1,443 @@
+"""MSDNet (Huang et al., ICLR 2018), the multi-scale dense network for 32x32 inputs, as a multi-exit backbone.
+
+Architecture (reference/baselines.md): 3 scales (32, 16, 8 px for a 32 px input); a stem builds one feature map
+per scale; every layer of a block adds ``growth_rate * gr_factor[s]`` channels to scale s from a normal 3x3
+conv of the same scale and a strided 3x3 conv of the next finer scale (each with a 1x1 bottleneck); with
+``prune="max"`` the finest scales are dropped in later layers, a 1x1 transition halving the channels each
+time; a classifier (two strided 3x3 convs with 128 channels, 2x2 average pooling, linear) reads the coarsest
+scale after each block. Blocks have ``base`` layers, then ``step`` more (``even``) or ``step * k + 1``
+(``lin_grow``). The default is the budgeted CIFAR configuration: 5 blocks, lin_grow, step 1, base 1, 16
+channels, growth rate 6 with factors 1/2/4. Smaller or non-square images are resized to ``img_size``.
+
+Staged forward (one code path for training, the feature cache, MAC counting and the real early-exit runner):
+``embed(x) -> xs`` (a list of per-scale maps), ``block(k, xs) -> xs``, ``exit_feature(k, xs) -> [N, D]`` (the
+classifier's pooled conv features, D = ``classifier_channels``), ``exit_logits(k, feat) -> [N, C]``.
+
+Training: SGD (lr 0.1, momentum 0.9, wd 1e-4, batch 64), lr / 10 at 50 % and 75 % of the epochs, loss the
+plain sum of the per-exit cross-entropies; the checkpoint with the best validation accuracy at the last exit is
+kept. ``training="boosted"`` trains it as BoostedNet (Yu et al., AAAI 2023) instead: exit i predicts
+``F_i = f_i + boost_weight * stopgrad(F_{i-1})`` and its loss is CE(F_i); the coarsest-scale map is scaled by
+``1 / (K - i)`` in the backward pass before classifier i and by ``K - i - 1`` on its way to later blocks, so
+block i receives the average of the gradients of the K - i heads that depend on it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench.errors import UserError
+
+
+@dataclass
+class MSDNetConfig:
+    """Everything that determines a trained MSDNet (besides data, split and seed)."""
+
+    model: str = "msdnet"
+    img_size: int = 32
+    n_blocks: int = 5
+    step_mode: str = "lin_grow"  # even | lin_grow
+    step: int = 1
+    base: int = 1
+    channels: int = 16  # of the finest scale; scale s has channels * gr_factor[s]
+    growth_rate: int = 6
+    gr_factor: tuple[int, ...] = (1, 2, 4)  # one per scale
+    bn_factor: tuple[int, ...] = (1, 2, 4)  # bottleneck width factor per scale
+    bottleneck: bool = True
+    prune: str = "max"  # max | min
+    reduction: float = 0.5  # transition layers' channel compression
+    classifier_channels: int = 128
+    training: str = "sum"  # sum (MSDNet) | boosted (BoostedNet)
+    boost_weight: float = 0.5  # BoostedNet: F_i = f_i + boost_weight * stopgrad(F_{i-1})
+    epochs: int = 300
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs where lr is divided by 10
+    augment: str = "crop_flip"
+    eval_batch_size: int = 512
+
+    def replace(self, **changes) -> "MSDNetConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        problems = []
+        if self.n_blocks < 1:
+            problems.append("n_blocks must be >= 1")
+        if self.step_mode not in ("even", "lin_grow"):
+            problems.append(f"step_mode {self.step_mode!r} is not even or lin_grow")
+        if self.prune not in ("max", "min"):
+            problems.append(f"prune {self.prune!r} is not max or min")
+        if self.training not in ("sum", "boosted"):
+            problems.append(f"training {self.training!r} is not sum or boosted")
+        if len(self.gr_factor) != len(self.bn_factor) or not self.gr_factor:
+            problems.append("gr_factor and bn_factor need one entry per scale")
+        if self.img_size < 2 ** len(self.gr_factor):
+            problems.append(f"img_size {self.img_size} is too small for {len(self.gr_factor)} scales")
+        if min(self.step, self.base, self.channels, self.growth_rate, self.classifier_channels, self.epochs,
+               self.batch_size) < 1:
+            problems.append("step, base, channels, growth_rate, classifier_channels, epochs and batch_size "
+                            "must be positive")
+        if problems:
+            raise UserError(f"MSDNet configuration is invalid: {'; '.join(problems)}. Fix the --set "
+                            "backbone.FIELD / msdnet.FIELD values.")
+
+    @property
+    def n_scales(self) -> int:
+        return len(self.gr_factor)
+
+
+# Small defaults that train on 2 CPU cores in minutes (numbers in the README); CIFAR-size data gets the
+# published budgeted configuration.
+MSDNET_DEFAULTS: dict[str, MSDNetConfig] = {
+    "digits": MSDNetConfig(img_size=16, n_blocks=4, channels=8, growth_rate=4, classifier_channels=32,
+                           epochs=60, batch_size=64, lr=0.05, augment="crop"),
+    "fashion-mnist": MSDNetConfig(img_size=28, n_blocks=4, channels=8, growth_rate=4, classifier_channels=32,
+                                  epochs=4, batch_size=64, lr=0.05, augment="none"),
+    "svhn": MSDNetConfig(epochs=40, augment="crop"),
+}
+
+
+def default_msdnet_config(dataset: str) -> MSDNetConfig:
+    return copy.deepcopy(MSDNET_DEFAULTS.get(dataset, MSDNetConfig()))
+
+
+# ---- layers -----------------------------------------------------------------------------------------------
+def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+def bottleneck_conv(c_in: int, c_out: int, stride: int, bottleneck: bool, width: int) -> nn.Sequential:
+    """[1x1 bottleneck to min(c_in, width * c_out)] then a 3x3 conv (stride 1 or 2), each with BN + ReLU."""
+    layers: list[nn.Module] = []
+    inner = c_in
+    if bottleneck:
+        inner = min(c_in, width * c_out)
+        layers += list(conv_bn_relu(c_in, inner, kernel=1))
+    layers += list(conv_bn_relu(inner, c_out, kernel=3, stride=stride))
+    return nn.Sequential(*layers)
+
+
+class ScaleUnit(nn.Module):
+    """New channels for one scale: a 3x3 conv of that scale's map, plus (when a finer scale is read) a strided
+    3x3 conv of the finer map, each producing half of them; the output is the input map with both appended."""
+
+    def __init__(self, c_fine: int | None, c_same: int, c_new: int, bottleneck: bool, w_fine: int, w_same: int):
+        super().__init__()
+        half = c_new // 2 if c_fine is not None else c_new
+        self.down = None if c_fine is None else bottleneck_conv(c_fine, half, 2, bottleneck, w_fine)
+        self.same = bottleneck_conv(c_same, half, 1, bottleneck, w_same)
+
+    def forward(self, fine: torch.Tensor | None, same: torch.Tensor) -> torch.Tensor:
+        parts = [same] if self.down is None else [same, self.down(fine)]
+        return torch.cat([*parts, self.same(same)], dim=1)
+
+
+class MSDLayer(nn.Module):
+    """One dense layer over the scales it keeps: scales [offset, n_scales) in, the same out. When a scale is
+    dropped (in_scales > out_scales), the first kept scale also reads the dropped finer one."""
+
+    def __init__(self, c_in: int, growth: int, cfg: MSDNetConfig, in_scales: int, out_scales: int):
+        super().__init__()
+        s_all = cfg.n_scales
+        self.offset, self.discard = s_all - out_scales, in_scales - out_scales
+        units = []
+        for s in range(self.offset, s_all):
+            reads_finer = s > self.offset or self.discard > 0
+            units.append(ScaleUnit(c_in * cfg.gr_factor[s - 1] if reads_finer else None, c_in * cfg.gr_factor[s],
+                                   growth * cfg.gr_factor[s], cfg.bottleneck,
+                                   cfg.bn_factor[s - 1] if reads_finer else 0, cfg.bn_factor[s]))
+        self.units = nn.ModuleList(units)
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # xs holds the input scales, finest first; the output keeps the coarsest len(units) of them
+        skip = len(xs) - len(self.units)
+        out = []
+        for i, unit in enumerate(self.units):
+            j = skip + i
+            out.append(unit(xs[j - 1] if (i > 0 or self.discard > 0) else None, xs[j]))
+        return out
+
+
+class Transition(nn.Module):
+    """1x1 conv + BN + ReLU per kept scale, compressing the channels."""
+
+    def __init__(self, c_in: int, c_out: int, out_scales: int, cfg: MSDNetConfig):
+        super().__init__()
+        offset = cfg.n_scales - out_scales
+        self.convs = nn.ModuleList(conv_bn_relu(c_in * cfg.gr_factor[offset + i], c_out * cfg.gr_factor[offset + i],
+                                                kernel=1) for i in range(out_scales))
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [conv(x) for conv, x in zip(self.convs, xs)]
+
+
+class Stem(nn.Module):
+    """The first layer: one map per scale, each a (strided) 3x3 conv of the previous."""
+
+    def __init__(self, in_chans: int, cfg: MSDNetConfig):
+        super().__init__()
+        convs, c = [], in_chans
+        for s, g in enumerate(cfg.gr_factor):
+            convs.append(conv_bn_relu(c, cfg.channels * g, 3, 1 if s == 0 else 2))
+            c = cfg.channels * g
+        self.convs = nn.ModuleList(convs)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for conv in self.convs:
+            x = conv(x)
+            out.append(x)
+        return out
+
+
+class Classifier(nn.Module):
+    """Two strided 3x3 convs, 2x2 average pooling (adaptive, so any input size works), then a linear layer."""
+
+    def __init__(self, c_in: int, width: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn_relu(c_in, width, 3, 2), conv_bn_relu(width, width, 3, 2),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.linear = nn.Linear(width, num_classes)
+
+
+class GradRescale(torch.autograd.Function):
+    """Identity forward; the backward pass multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def block_layout(cfg: MSDNetConfig) -> list[int]:
+    """Layers per block: ``base``, then ``step`` (even) or ``step * k + 1`` (lin_grow) for block k >= 1."""
+    return [cfg.base] + [cfg.step if cfg.step_mode == "even" else cfg.step * k + 1 for k in range(1, cfg.n_blocks)]
+
+
+class MSDNet(nn.Module):
+    def __init__(self, cfg: MSDNetConfig, in_chans: int, num_classes: int):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.stem = Stem(in_chans, cfg)
+        steps = block_layout(cfg)
+        total, done, c = sum(steps), 0, cfg.channels
+        s_all = cfg.n_scales
+        blocks, classifiers = [], []
+        for n_layers in steps:
+            layers: list[nn.Module] = []
+            for _ in range(n_layers):
+                done += 1
+                if cfg.prune == "max":
+                    interval = math.ceil(total / s_all)
+                    in_scales = s_all - (max(0, done - 2) // interval)
+                    out_scales = s_all - ((done - 1) // interval)
+                else:
+                    in_scales = min(s_all, total - done + 2)
+                    out_scales = min(s_all, total - done + 1)
+                layers.append(MSDLayer(c, cfg.growth_rate, cfg, in_scales, out_scales))
+                c += cfg.growth_rate
+                transition = (cfg.reduction > 0 and
+                              (in_scales > out_scales if cfg.prune == "max"
+                               else done in (total // 3, 2 * total // 3)))
+                if transition:
+                    layers.append(Transition(c, math.floor(cfg.reduction * c), out_scales, cfg))
+                    c = math.floor(cfg.reduction * c)
+            blocks.append(nn.Sequential(*layers))
+            classifiers.append(Classifier(c * cfg.gr_factor[-1], cfg.classifier_channels, num_classes))
+        self.blocks = nn.ModuleList(blocks)
+        self.classifiers = nn.ModuleList(classifiers)
+        for m in self.modules():  # MSDNet's initialisation
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    # ---- the staged forward ----------------------------------------------------------------------------
+    @property
+    def num_exits(self) -> int:
+        return len(self.blocks)
+
+    def embed(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.stem(x)
+
+    def block(self, k: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.blocks[k](xs)
+
+    def exit_feature(self, k: int, xs: list[torch.Tensor]) -> torch.Tensor:
+        """The classifier's pooled feature [N, D] from the coarsest scale."""
+        return self.classifiers[k].features(xs[-1])
+
+    def exit_logits(self, k: int, feat: torch.Tensor) -> torch.Tensor:
+        return self.classifiers[k].linear(feat)
+
+    @staticmethod
+    def select(xs: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
+        return [x[keep] for x in xs]
+
+    def forward(self, x: torch.Tensor, rescale_gradients: bool = False) -> list[torch.Tensor]:
+        """Every exit's own logits f_k [N, C], k = 0..K-1 (BoostedNet's ensembling happens outside)."""
+        xs, out, k_all = self.embed(x), [], self.num_exits
+        for k in range(k_all):
+            xs = self.block(k, xs)
+            if rescale_gradients:
+                xs = [*xs[:-1], GradRescale.apply(xs[-1], 1.0 / (k_all - k))]
+            out.append(self.exit_logits(k, self.exit_feature(k, xs)))
+            if rescale_gradients:
+                xs = [*xs[:-1], GradRescale.apply(xs[-1], float(k_all - k - 1))]
+        return out
+
+    def static_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The static network: every block, then the last classifier only."""
+        xs = self.embed(x)
+        for k in range(self.num_exits):
+            xs = self.block(k, xs)
+        return self.exit_logits(self.num_exits - 1, self.exit_feature(self.num_exits - 1, xs))
+
+
+def boosted_ensemble(logits: list[torch.Tensor] | torch.Tensor, weight: float, detach: bool = False
+                     ) -> list[torch.Tensor]:
+    """BoostedNet's exit predictions F_0 = f_0, F_i = f_i + weight * F_{i-1} (F_{i-1} detached in training)."""
+    out: list[torch.Tensor] = []
+    for k in range(len(logits)):
+        if k == 0:
+            out.append(logits[0])
+        else:
+            prev = out[-1].detach() if detach else out[-1]
+            out.append(logits[k] + weight * prev)
+    return out
+
+
+def create_msdnet(cfg: MSDNetConfig, in_chans: int, num_classes: int, load_weights: bool = True) -> MSDNet:
+    return MSDNet(cfg, in_chans, num_classes)
+
+
+# ---- MACs ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MSDNetExitMacs:
+    """Per-image MACs by part (fvcore: convolutions and linear layers; BN, ReLU and pooling free)."""
+
+    stem: int
+    blocks: tuple[int, ...]  # every scale of each block
+    classifier_features: tuple[int, ...]  # each classifier's convs
+    classifier_linear: tuple[int, ...]  # each classifier's linear layer
+
+    def exit_costs(self) -> np.ndarray:
+        """Cumulative MACs [K] of leaving at exit k with every classifier on the way evaluated: MSDNet's own
+        convention (all scales of block k computed before exit k)."""
+        per = np.asarray(self.blocks) + np.asarray(self.classifier_features) + np.asarray(self.classifier_linear)
+        return self.stem + np.cumsum(per)
+
+
+def msdnet_macs(model: MSDNet) -> MSDNetExitMacs:
+    """Count each part with fvcore on a batch of one at the model's input size; every scale map is returned
+    from the traced functions, so none is dropped as unused."""
+    from bench.flops import fvcore_macs
+
+    cfg = model.cfg
+    x = torch.zeros(1, model.stem.convs[0][0].in_channels, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        xs = model.embed(x)
+        stem = fvcore_macs(model.embed, x)
+        blocks, feats, linears = [], [], []
+        for k in range(model.num_exits):
+            blocks.append(fvcore_macs(_BlockCall(model, k), tuple(xs)))
+            xs = model.block(k, xs)
+            feats.append(fvcore_macs(model.classifiers[k].features, xs[-1]))
+            lin = model.classifiers[k].linear
+            linears.append(lin.in_features * lin.out_features)
+    return MSDNetExitMacs(stem, tuple(blocks), tuple(feats), tuple(linears))
+
+
+class _BlockCall(nn.Module):
+    def __init__(self, model: MSDNet, k: int):
+        super().__init__()
+        self.block = model.blocks[k]
+
+    def forward(self, *xs):
+        return self.block(list(xs))
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_exit_logits(model: MSDNet, x_uint8: np.ndarray, cfg: MSDNetConfig, device: str = "cpu"
+                        ) -> torch.Tensor:
+    """Every exit's own logits [K, N, C] (BoostedNet's ensemble not applied)."""
+    from bench.backbone import to_tensor
+
+    model.eval()
+    out = []
+    for i in range(0, len(x_uint8), cfg.eval_batch_size):
+        xb = to_tensor(x_uint8[i:i + cfg.eval_batch_size], cfg.img_size).to(device)
+        out.append(torch.stack(model(xb)).float().cpu())
+    return torch.cat(out, dim=1)
+
+
+def train_msdnet(cfg: MSDNetConfig, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
+                 val_y: np.ndarray, num_classes: int, seed: int, device: str = "cpu", desc: str = "msdnet"
+                 ) -> tuple[MSDNet, float, int, list[dict]]:
+    """Train end to end (the sum of per-exit CE, or BoostedNet's boosted losses with gradient rescaling);
+    keep the epoch with the best validation accuracy at the last exit (the ensemble's for BoostedNet).
+    Returns (model, val_accuracy, best_epoch, history), like ``bench.backbone.train_backbone``."""
+    from bench.backbone import augment_batch, to_tensor
+
+    torch.manual_seed(seed)
+    model = create_msdnet(cfg, train_x.shape[-1], num_classes).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_milestones})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    y_all = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    boosted = cfg.training == "boosted"
+    best: tuple[float, int, dict | None] = (-1.0, -1, None)
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(len(train_x), generator=gen)
+        loss_sum = 0.0
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            xb = augment_batch(to_tensor(train_x[idx.numpy()], cfg.img_size), cfg.augment, gen).to(device)
+            yb = y_all[idx].to(device)
+            outs = model(xb, rescale_gradients=boosted)
+            if boosted:
+                outs = boosted_ensemble(outs, cfg.boost_weight, detach=True)
+            loss = sum(F.cross_entropy(o, yb) for o in outs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+        sched.step()
+        logits = predict_exit_logits(model, val_x, cfg, device)
+        last = boosted_ensemble(logits, cfg.boost_weight)[-1] if boosted else logits[-1]
+        val_acc = float((last.argmax(1).numpy() == val_y).mean())
+        history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), "val_accuracy": val_acc,
+                        "val_exit_accuracy": [float(a) for a in (logits.argmax(2).numpy() == val_y).mean(1)],
+                        "seconds": round(time.perf_counter() - t0, 1)})
+        if val_acc > best[0]:
+            best = (val_acc, epoch, copy.deepcopy(model.state_dict()))
+        bar.set_postfix(loss=f"{loss_sum / len(perm):.3f}", val_acc=f"{val_acc:.3f}", best=f"{best[0]:.3f}")
+    model.load_state_dict(best[2])
+    model.eval().requires_grad_(False)
+    return model, best[0], best[1], history
