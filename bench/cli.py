@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--methods", type=_csv_list("method names", str), default=["threshold", "entropy"],
                    help="comma-separated methods (default: threshold,entropy)")
     r.add_argument("--dataset", default="digits", help="dataset name (default: digits, embedded)")
-    r.add_argument("--backbone", default=None, help="timm ViT name (default: the dataset's small ViT)")
+    r.add_argument("--backbone", default=None,
+                   help="timm ViT name, or msdnet (default: the dataset's small ViT)")
     r.add_argument("--seeds", type=_csv_list("integers", int), default=[0], help="e.g. 0,1,2 (default: 0)")
     r.add_argument("--budgets", type=_csv_list("numbers", float), default=None,
                    help="target macs_rel values in (0, 1] (default: 0.25,0.5,0.75,1.0)")
@@ -120,6 +121,9 @@ def cmd_ls(args) -> int:
         print(f"  {name:14s} {extra}")
     print("backbones: any timm Vision Transformer (`--backbone vit_small_patch16_224`, ...); architecture fields "
           "are set with --set backbone.FIELD=VALUE (img_size, patch_size, embed_dim, depth, num_heads, epochs, ...)")
+    print("           msdnet (`--backbone msdnet`): MSDNet's own multi-exit network; every method then runs on its "
+          "exits (boostednet on MSDNet trained as BoostedNet); fields with --set backbone.FIELD or msdnet.FIELD "
+          "(n_blocks, step_mode, step, base, channels, growth_rate, epochs, ...)")
     return 0
 
 

@@ -14,7 +14,8 @@ Method card
   float64 as an explicit weighted sum, so batched ``decide`` and per-exit streaming agree bit for bit.
 - Training, all on cached features and vectorised over exits *and* over the lambda grid (each lambda is an
   independent model; they share the mini-batch order, which makes one batched run identical to separate runs):
-  1. Warm-up (shared by all lambdas): IMs only, loss ``sum_l (K - l) * CE_l`` for 0-based l (the reference's
+  1. Warm-up (shared by all lambdas; on MSDNet, ``--backbone msdnet``, the IMs start from the network's own
+     exit classifiers, so JEI-DNN's gates run on MSDNet's exits): IMs only, loss ``sum_l (K - l) * CE_l`` for 0-based l (the reference's
      ``(L+1-l)`` with 1-based l: earlier IMs weigh more), per-IM early stopping on validation accuracy
      (patience ``warmup_patience`` = 2, at most ``warmup_epochs``): each IM keeps its best-validation-accuracy
      epoch (the initialisation counts as epoch 0).
@@ -298,19 +299,22 @@ class JEIDNN(ExitMethod):
             ce_last = _ce(task.final_logits(train), y)  # [N] the frozen last exit
             ce_last_v = _ce(task.final_logits(val), yv)
 
+        # on a multi-exit backbone (MSDNet) the IMs start from the network's own classifiers
+        init = None if task.exit_heads is None else (task.exit_heads[0][:k - 1], task.exit_heads[1][:k - 1])
         self.warm_w_, self.warm_b_, self.warmup_val_accuracy_, self.warmup_best_epoch_ = self._warmup(
-            x, y, xv, yv, c, gen)
+            x, y, xv, yv, c, gen, init)
         self._joint(x, y, ce_last, xv, yv, ce_last_v, costs_rel, gen)
         self.costs_ = costs  # last: its presence marks the method as fitted
         return self
 
-    def _warmup(self, x, y, xv, yv, c, gen):
+    def _warmup(self, x, y, xv, yv, c, gen, init=None):
         """IMs only, loss sum_l (K - l) CE_l; each IM keeps its best-validation-accuracy epoch and stops after
         ``warmup_patience`` epochs without improvement (IMs are independent, so training on the stopped ones
         changes nothing for the others: their best snapshot is what is kept)."""
         km1, n, d = x.shape
         w, b = _linear_init(gen, 1, km1, d, c)
-        w, b = w[0].requires_grad_(True), b[0].requires_grad_(True)
+        w, b = (w[0], b[0]) if init is None else (init[0].clone(), init[1].clone())
+        w, b = w.requires_grad_(True), b.requires_grad_(True)
         weights = torch.arange(km1 + 1, 1, -1, dtype=torch.float32)  # K, K-1, ..., 2
         opt = torch.optim.SGD([w, b], lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         steps_per_epoch = -(-n // self.batch_size)

@@ -276,3 +276,10 @@ def test_msdnet_user_errors_exit_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_jeidnn_on_msdnet_starts_its_ims_from_the_networks_classifiers(trained):
+    ds, backbone, task = trained
+    m = create_method("jeidnn", {"warmup_epochs": 0, "epochs": 1, "lambdas": [0.1]}).fit(task)
+    w, b = task.exit_heads
+    assert torch.equal(m.warm_w_, w[:-1]) and torch.equal(m.warm_b_, b[:-1])
