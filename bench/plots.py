@@ -37,6 +37,21 @@ def points(agg: pd.DataFrame, metric: str, score: str = "", scope: str = "", alp
     return p[np.isfinite(p["x"]) & np.isfinite(p["y"])]
 
 
+def cost_points(agg: pd.DataFrame, metric: str, **conformal) -> tuple[pd.DataFrame, bool]:
+    """``points`` against macs_rel, or, when a dataset's rows come from several networks (whose macs_rel have
+    different denominators), against absolute MACs in millions. Returns (points, absolute)."""
+    absolute = bool((agg.groupby("dataset")["backbone"].nunique() > 1).any())
+    if not absolute:
+        return points(agg, metric, **conformal), False
+    p = points(agg, metric, x_metric="macs", **conformal)
+    p[["x", "xerr"]] = p[["x", "xerr"]] / 1e6
+    return p, True
+
+
+def _xlabel(absolute: bool) -> str:
+    return "MACs per image, millions (test)" if absolute else "MACs relative to the backbone (test)"
+
+
 def _draw_curves(ax, p: pd.DataFrame, palette: dict, ceiling: bool = False) -> None:
     for label, g in p.groupby("label", sort=False):
         g = g.sort_values("x")
@@ -72,20 +87,15 @@ def plot_metric_vs_cost(agg: pd.DataFrame, metric: str, ylabel: str | None = Non
     """One panel per dataset: ``metric`` against the realised test macs_rel, one curve per method (mean over
     seeds, error bars = std), bounds dashed (with ``ceiling``, also as a horizontal line: the oracle's accuracy
     bounds every method on the same heads), the static backbone as a star."""
-    p = points(agg, metric, **conformal)
+    p, absolute = cost_points(agg, metric, **conformal)
     if p.empty:
         return None
-    # macs_rel is relative to each network's own static cost: with several networks, plot absolute MACs
-    absolute = (agg.groupby("dataset")["backbone"].nunique() > 1).any()
-    if absolute:
-        p = points(agg, metric, x_metric="macs", **conformal)
-        p[["x", "xerr"]] = p[["x", "xerr"]] / 1e6
     datasets = list(dict.fromkeys(p["dataset"]))
     fig, axes = _grid(datasets)
     palette = _palette(p["label"])
     for ax, ds in zip(axes[0], datasets):
         _draw_curves(ax, p[p["dataset"] == ds], palette, ceiling)
-        ax.set_xlabel("MACs per image, millions (test)" if absolute else "MACs relative to the backbone (test)")
+        ax.set_xlabel(_xlabel(absolute))
         ax.set_ylabel(ylabel or metric)
         ax.set_title(f"{ds}" + (f" — {title}" if title else ""))
         ax.legend(fontsize="small")
@@ -104,7 +114,7 @@ def plot_ece_vs_cost(agg: pd.DataFrame):
 def plot_conformal_vs_cost(agg: pd.DataFrame, score: str = "lac", scope: str = "global", alpha: float = 0.1):
     """Two rows per dataset: conformal set size and coverage against cost (nominal coverage dotted)."""
     conf = {"score": score, "scope": scope, "alpha": alpha}
-    size, cov = points(agg, "set_size", **conf), points(agg, "coverage", **conf)
+    (size, absolute), (cov, _) = cost_points(agg, "set_size", **conf), cost_points(agg, "coverage", **conf)
     if size.empty and cov.empty:
         return None
     datasets = list(dict.fromkeys(pd.concat([size["dataset"], cov["dataset"]])))
@@ -116,7 +126,7 @@ def plot_conformal_vs_cost(agg: pd.DataFrame, score: str = "lac", scope: str = "
             _draw_curves(ax, p[p["dataset"] == ds], palette)
             if name == "coverage":
                 ax.axhline(1 - alpha, color="black", linestyle=":", linewidth=1, label=f"nominal {1 - alpha:g}")
-            ax.set_xlabel("MACs relative to the backbone (test)")
+            ax.set_xlabel(_xlabel(absolute))
             ax.set_ylabel(f"{name} ({score.upper()}, {scope}, α={alpha:g})")
             ax.set_title(ds)
             ax.legend(fontsize="small")

@@ -25,7 +25,7 @@ import pandas as pd
 from bench.errors import UserError
 from bench.results import METRIC_COLUMNS
 
-OVERALL_METRICS = ("accuracy", "macs_rel", "ece", "nll", "brier", "auroc_misclassification")
+OVERALL_METRICS = ("accuracy", "macs_rel", "macs", "ece", "nll", "brier", "auroc_misclassification")
 CONFORMAL_METRICS = ("coverage", "set_size")
 TIMING_METRICS = ("wall_rel",)
 CONFORMAL_KEYS = ("score", "scope", "alpha")

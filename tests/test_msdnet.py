@@ -52,6 +52,17 @@ def test_layouts():
     assert block_layout(MSDNetConfig(n_blocks=3, step_mode="lin_grow", step=2, base=4)) == [4, 3, 5]
 
 
+@pytest.mark.parametrize("cfg", [
+    MSDNetConfig(prune="min", n_blocks=3), MSDNetConfig(step_mode="even", step=2, base=2, n_blocks=3),
+    MSDNetConfig(bottleneck=False, n_blocks=2, gr_factor=(1, 2), bn_factor=(1, 2)),
+    MSDNetConfig(img_size=28, n_blocks=4, channels=8, growth_rate=4, classifier_channels=32)])
+def test_other_configurations_run_and_cost_more_at_every_exit(cfg):
+    model = MSDNet(cfg, in_chans=1, num_classes=10).eval()
+    outs = model(torch.randn(2, 1, cfg.img_size, cfg.img_size))
+    assert len(outs) == cfg.n_blocks and all(o.shape == (2, 10) for o in outs)
+    assert np.all(np.diff(msdnet_macs(model).exit_costs()) > 0)
+
+
 def test_staged_forward_equals_forward_and_static_forward_is_the_last_exit():
     torch.manual_seed(0)
     model = MSDNet(TINY, in_chans=1, num_classes=10).eval()
@@ -258,6 +269,20 @@ def test_msdnet_method_on_a_vit_run_brings_its_own_network(tmp_path):
     assert df[df["method"] == "threshold"]["backbone"].str.startswith("vit_").all()
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "msdnet @ msdnet" in summary and "threshold @ vit_tiny_patch16_224" in summary
+    # bench report keeps both static networks apart and plots absolute MACs (macs_rel has two denominators)
+    from bench.cli import main
+    from bench.plots import plot_metric_vs_cost
+    from bench.report import aggregate, load_runs
+
+    agg = aggregate(load_runs([tmp_path / "out"]))
+    statics = agg[(agg["method"] == "static") & (agg["metric"] == "accuracy")]
+    assert sorted(statics["label"]) == ["static backbone @ msdnet", "static backbone @ vit_tiny_patch16_224"]
+    fig = plot_metric_vs_cost(agg, "accuracy")
+    assert fig.axes[0].get_xlabel().startswith("MACs per image, millions")
+    xmax = max(line.get_xdata().max() for line in fig.axes[0].get_lines() if len(line.get_xdata()))
+    assert xmax > 0.1  # millions of MACs, not a fraction
+    assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "accuracy_vs_cost.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("args, message", [
