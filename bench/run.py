@@ -124,8 +124,13 @@ class RunConfig:
                 raise UserError(f"--set backbone.{name}={changes[name]} and --set msdnet.{name}={value} disagree; "
                                 "both configure the one MSDNet of this run. Give one of them.")
             changes[name] = value
-        if kind == "msdnet-boosted":
-            changes["training"] = "boosted"
+        if kind == "msdnet-boosted":  # trained with the ensemble weight the boostednet method combines with
+            weight = self.overrides.get("boostednet", {}).get("boost_weight", MSDNetConfig.boost_weight)
+            if changes.get("boost_weight", weight) != weight:
+                raise UserError(f"MSDNet's boost_weight={changes['boost_weight']} differs from boostednet's "
+                                f"({weight}), which combines the exits: set it once, with --set "
+                                "boostednet.boost_weight=VALUE.")
+            changes.update(training="boosted", boost_weight=weight)
         bad = sorted(set(changes) - MSDNET_FIELDS)
         if bad:
             raise UserError(f"--set backbone.{bad[0]}: MSDNet has no field {bad[0]!r}. "

@@ -12,8 +12,8 @@ Method card
   - ``--backbone msdnet`` (the paper's setting): MSDNet trained as BoostedNet (``bench.msdnet``,
     ``training="boosted"``): boosted losses and the paper's gradient rescaling (the coarsest-scale map scaled by
     1/(K-k) before head k and by K-k-1 on its way on, so block k gets the mean gradient of the K-k heads that
-    depend on it). The method combines that network's own heads; keep ``boostednet.boost_weight`` equal to the
-    network's (both 0.5 by default).
+    depend on it). The method combines that network's own heads; ``--set boostednet.boost_weight`` sets the weight
+    for both the network's training and the method.
 - Exit rule: max softmax of the ensemble F_k, with MSDNet's budget protocol (``scheme=geometric``, as the
   paper's evaluation); ``--set boostednet.scheme=shared`` for the shared threshold.
 - Cost: each exit on the way adds its head (D*C), the ensemble update (C) and the decision (2C); on MSDNet also
