@@ -44,20 +44,24 @@ def _cell(values: pd.Series, digits: int) -> str:
 def summary_table(df: pd.DataFrame, split: str = "test") -> str:
     """Markdown table: one row per dataset x backbone x method x budget (plus each static backbone), columns
     accuracy / realised macs_rel / ECE over the seeds. When a run used several networks (``msdnet`` brings its
-    own), labels name the network and ``macs_rel`` is relative to that network's static cost."""
-    d = df[(df["split"] == split) & df["exit"].isna() & df["metric"].isin(SUMMARY_METRICS)].copy()
+    own), labels name the network, ``macs_rel`` is relative to that network's static cost, and a column gives
+    the absolute MACs per image (millions) that compare across networks."""
+    d = df[(df["split"] == split) & df["exit"].isna() & df["metric"].isin(SUMMARY_METRICS + ("macs",))].copy()
     # budget rows and the static backbone; a method's native points (empty budget) are listed elsewhere
     d = d[d["budget"].notna() | (d["method"] == "static")]
     d["budget_key"] = d["budget"].fillna(-1.0)
-    lines = [f"| dataset | method | budget | accuracy | macs_rel ({split}) | ECE | seeds |",
-             "|---|---|---|---|---|---|---|"]
     several = d.groupby("dataset")["backbone"].nunique().to_dict()
+    absolute = any(v > 1 for v in several.values())
+    extra = ("| MACs (M) " if absolute else "", "|---" if absolute else "")
+    lines = [f"| dataset | method | budget | accuracy | macs_rel ({split}) {extra[0]}| ECE | seeds |",
+             f"|---|---|---|---|---{extra[1]}|---|---|"]
     for (dataset, backbone, method, budget), g in d.groupby(["dataset", "backbone", "method", "budget_key"],
                                                              sort=False):
         cells = {m: _cell(g[g["metric"] == m].sort_values("seed")["value"], 4 if m != "macs_rel" else 3)
                  for m in SUMMARY_METRICS}
         label = "—" if budget < 0 else f"{budget:g}"
         name = with_backbone(method_label(method), backbone, several[dataset] > 1)
-        lines.append(f"| {dataset} | {name} | {label} | {cells['accuracy']} | {cells['macs_rel']} | "
+        macs = f"| {_cell(g[g['metric'] == 'macs'].sort_values('seed')['value'] / 1e6, 2)} " if absolute else ""
+        lines.append(f"| {dataset} | {name} | {label} | {cells['accuracy']} | {cells['macs_rel']} {macs}| "
                      f"{cells['ece']} | {g['seed'].nunique()} |")
     return "\n".join(lines)
