@@ -306,9 +306,10 @@ def load_or_train_backbone(cache_dir: Path, cfg, dataset, splits, device: str = 
         except Exception as e:  # truncated, corrupt or foreign file: never use it, rebuild
             log.warning("backbone checkpoint %s is unusable (%s: %s); retraining", path, type(e).__name__, e)
     tr, va = splits.train, splits.val
+    name = cfg.model + ("-boosted" if getattr(cfg, "training", "") == "boosted" else "")
     model, val_acc, best_epoch, history = train(
         cfg, dataset.train_x[tr], dataset.train_y[tr], dataset.train_x[va], dataset.train_y[va],
-        dataset.num_classes, splits.seed, device, desc=f"train backbone {cfg.model} ({dataset.name}, seed {splits.seed})")
+        dataset.num_classes, splits.seed, device, desc=f"train backbone {name} ({dataset.name}, seed {splits.seed})")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: torch.save({"key": key, "state_dict": state, "val_accuracy": val_acc,
                                                "best_epoch": best_epoch, "history": history,
