@@ -91,6 +91,54 @@ def test_real_early_exit_cpu_vit12(benchmark):
           f"(sample 0 exits at {sim[-256]})")
 
 
+def msdnet_cifar_task(n_fit=1024, n_test=256, seed=0):
+    """MSDNet's budgeted CIFAR configuration (random weights) with a task from its own exits' features on the
+    same structured random images as ``image_task``; its own classifiers are the exit heads."""
+    from bench.backbone import head_params
+    from bench.msdnet import MSDNet, MSDNetConfig
+    from bench.run import count_macs
+
+    torch.manual_seed(seed)
+    model = MSDNet(MSDNetConfig(), in_chans=3, num_classes=10).eval()
+    gen = torch.Generator().manual_seed(seed)
+    total = 2 * n_fit + n_test
+    y = torch.randint(0, 10, (total,), generator=gen)
+    base = torch.rand(10, 3, 32, 32, generator=gen)
+    noise = torch.rand(total, 3, 32, 32, generator=gen) * torch.rand(total, 1, 1, 1, generator=gen) * 2
+    x = ((base[y] + noise) / 3 * 255).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    feats = compute_features(model, x, 32, batch_size=256)
+    y = y.numpy()
+    parts = {"train": slice(0, n_fit), "val": slice(n_fit, 2 * n_fit), "test": slice(2 * n_fit, total)}
+    splits = {k: SplitData(feats[:, s], y[s], np.arange(total)[s]) for k, s in parts.items()}
+    splits["cal"] = splits["val"]
+    lins = [c.linear for c in model.classifiers]
+    heads = (torch.stack([lin.weight.detach().T for lin in lins]), torch.stack([lin.bias.detach() for lin in lins]))
+    w, b = head_params(model)
+    return model, Task("images", seed, 10, splits, w, b, count_macs(model), key=f"msdnet-{seed}",
+                       backbone="msdnet", exit_heads=heads), x
+
+
+@pytest.mark.perf
+def test_real_early_exit_cpu_msdnet(benchmark):
+    """MSDNet (budgeted CIFAR configuration, 5 exits), budget 0.5, batch 256 on CPU: wall-clock vs MACs, with
+    every scale map compacted after each exit. Exits equal the simulation."""
+    from bench.backbone import to_tensor
+
+    model, task, x_uint8 = msdnet_cifar_task()
+    method = create_method("msdnet").fit(task)
+    point = method.calibrate(task, [0.5])[0]
+    x = to_tensor(x_uint8[-256:], 32)
+    result = benchmark.pedantic(lambda: run_early_exit(model, method, point, x, 256), rounds=5, warmup_rounds=1)
+    sim = method.decide(method.exit_logits(task.splits["test"]), point)
+    assert np.array_equal(result.exits, sim)
+    static = np.median(time_call(lambda: model.static_forward(x), "cpu", repeats=5))
+    ee = benchmark.stats.stats.median
+    macs_rel = (method.costs_[sim] / task.macs.static).mean()
+    print(f"\nMSDNet CPU ({torch.get_num_threads()} threads) batch 256: macs_rel {macs_rel:.3f}, wall_rel "
+          f"{ee / static:.3f} (early exit {ee * 1000:.0f} ms, static {static * 1000:.0f} ms), exit shares "
+          f"{np.bincount(sim, minlength=5) / len(sim)}")
+
+
 @pytest.mark.perf
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_real_early_exit_cuda_vit12():
