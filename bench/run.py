@@ -86,7 +86,7 @@ class RunConfig:
     def static_kinds(self) -> list[str]:
         """The networks whose static rows are written (BoostedNet's training has no static network of its own:
         its architecture and cost are MSDNet's)."""
-        return [k for k in dict.fromkeys([self.backbone_kind, *(k.replace("-boosted", "") for k in self.kinds())])]
+        return list(dict.fromkeys([self.backbone_kind, *(k.replace("-boosted", "") for k in self.kinds())]))
 
     def method_overrides(self, method: str) -> dict[str, Any]:
         """``--set METHOD.FIELD`` values for the method itself (``msdnet.FIELD`` also configures MSDNet's
@@ -200,6 +200,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.backbone and cfg.backbone != "msdnet" and not cfg.backbone.startswith("vit_"):
         raise UserError(f"--backbone {cfg.backbone!r}: use msdnet or a timm Vision Transformer (vit_*), whose "
                         "per-block exits this harness uses; `python -m bench ls` lists them.")
+    if cfg.pretrained and cfg.backbone_kind == "msdnet":
+        raise UserError("--pretrained loads timm weights for a ViT; MSDNet (--backbone msdnet) trains from scratch. "
+                        "Drop one of the two.")
     for m in cfg.methods:
         create_method(m, cfg.method_overrides(m))  # unknown fields fail here
     for kind in cfg.kinds():  # inconsistent sizes fail here, before any training
@@ -311,7 +314,7 @@ def seed_artefacts(cfg: RunConfig, dataset, seed: int, cache: Path, kind: str | 
 
 
 def static_job(kind: str) -> str:
-    """Job name of a backbone's static rows: ``static`` for the run's own, ``static@msdnet`` for another."""
+    """Job name of a network's static rows: ``static`` for the ViT, ``static@msdnet`` for MSDNet."""
     return "static" if kind == "vit" else f"static@{kind}"
 
 

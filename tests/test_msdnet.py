@@ -291,6 +291,7 @@ def test_msdnet_method_on_a_vit_run_brings_its_own_network(tmp_path):
     (["--backbone", "msdnet", "--set", "backbone.epochs=3", "--set", "msdnet.epochs=4"], "disagree"),
     (["--methods", "msdnet", "--set", "msdnet.scheme=bisect"], "calibration scheme must be one of"),
     (["--methods", "threshold", "--set", "msdnet.epochs=4"], "neither 'backbone' nor one of the methods"),
+    (["--backbone", "msdnet", "--pretrained"], "MSDNet (--backbone msdnet) trains from scratch"),
     (["--backbone", "msdnet", "--methods", "boostednet", "--set", "msdnet.boost_weight=0.3"],
      "set it once, with --set boostednet.boost_weight"),
 ])
