@@ -318,7 +318,7 @@ def static_job(kind: str) -> str:
     return "static" if kind == "vit" else f"static@{kind}"
 
 
-_PROCESS_MEMO: dict = {}  # the last seed's dataset and task, so in-process jobs of one seed load them once
+_PROCESS_MEMO: dict = {}  # the last seed's dataset and tasks (one per network), so in-process jobs load them once
 
 
 def run_job(cfg: RunConfig, seed: int, method_name: str) -> dict:
