@@ -72,7 +72,18 @@ def _palette(labels) -> dict:
     import seaborn as sns
 
     labels = [lab for lab in dict.fromkeys(labels) if lab != "static backbone"]
-    return dict(zip(labels, sns.color_palette("tab10", max(len(labels), 1))))
+    return dict(zip(labels, sns.color_palette("tab10" if len(labels) <= 10 else "tab20", max(len(labels), 1))))
+
+
+def _legend(ax) -> None:
+    """Inside the panel for a few curves; beside it when there are many (it would hide them)."""
+    if len(ax.get_legend_handles_labels()[1]) > 6:
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig = ax.figure  # make room: each panel's share of 3.5 inches per column of panels
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(w + 3.5 / ax.get_gridspec().nrows, h)
+    else:
+        ax.legend(fontsize="small")
 
 
 def _grid(datasets, nrows: int = 1):
@@ -98,7 +109,7 @@ def plot_metric_vs_cost(agg: pd.DataFrame, metric: str, ylabel: str | None = Non
         ax.set_xlabel(_xlabel(absolute))
         ax.set_ylabel(ylabel or metric)
         ax.set_title(f"{ds}" + (f" — {title}" if title else ""))
-        ax.legend(fontsize="small")
+        _legend(ax)
     fig.tight_layout()
     return fig
 
@@ -129,7 +140,7 @@ def plot_conformal_vs_cost(agg: pd.DataFrame, score: str = "lac", scope: str = "
             ax.set_xlabel(_xlabel(absolute))
             ax.set_ylabel(f"{name} ({score.upper()}, {scope}, α={alpha:g})")
             ax.set_title(ds)
-            ax.legend(fontsize="small")
+            _legend(ax)
     fig.tight_layout()
     return fig
 
@@ -152,7 +163,7 @@ def plot_exit_distribution(dist: pd.DataFrame, budget: float):
         ax.set_xlabel("exit")
         ax.set_ylabel("share of test samples")
         ax.set_title(f"{ds} — budget {budget:g}")
-        ax.legend(fontsize="small")
+        _legend(ax)
     fig.tight_layout()
     return fig
 
@@ -164,7 +175,7 @@ def plot_wall_vs_macs(agg: pd.DataFrame):
         for ax in fig.axes:
             lim = [0, 1.05]
             ax.plot(lim, lim, color="black", linestyle=":", linewidth=1, label="wall_rel = macs_rel")
-            ax.legend(fontsize="small")
+            _legend(ax)
     return fig
 
 

@@ -84,10 +84,10 @@ def _label(df: pd.DataFrame) -> pd.DataFrame:
     first = df[static].groupby(["dataset", "backbone", "seed"])["run_id"].first().rename("_first")
     df = df.merge(first, left_on=["dataset", "backbone", "seed"], right_index=True, how="left")
     df = df[~static | (df["run_id"] == df["_first"])].drop(columns="_first").reset_index(drop=True)
-    runs_per = df[df["method"] != "static"].groupby(["dataset", "method"])["run_id"].nunique()
+    runs_per = df[df["method"] != "static"].groupby(["dataset", "backbone", "method"])["run_id"].nunique()
     dup = {k for k, v in runs_per.items() if v > 1}
     several = df.groupby("dataset")["backbone"].nunique().to_dict()
-    df["label"] = [with_backbone(method_label(m), b, several[ds] > 1) + (f" [{r}]" if (ds, m) in dup else "")
+    df["label"] = [with_backbone(method_label(m), b, several[ds] > 1) + (f" [{r}]" if (ds, b, m) in dup else "")
                    for ds, m, b, r in zip(df["dataset"], df["method"], df["backbone"], df["run_id"])]
     return df
 
