@@ -41,9 +41,9 @@ def vit12():
                              embed_dim=192, depth=12, num_heads=3, num_classes=10).eval()
 
 
-def image_task(model, n_fit=1024, n_test=256, seed=0):
-    """A task from a 12-block ViT's own features on structured random images (class = dominant colour
-    pattern), so exit heads have something to learn and confidence varies across samples."""
+def image_splits(model, n_fit: int, n_test: int, seed: int):
+    """Splits of a model's own exit features on structured random images (class = dominant colour pattern),
+    so exit heads have something to learn and confidence varies across samples; and the images (uint8)."""
     gen = torch.Generator().manual_seed(seed)
     total = 2 * n_fit + n_test
     y = torch.randint(0, 10, (total,), generator=gen)
@@ -55,6 +55,13 @@ def image_task(model, n_fit=1024, n_test=256, seed=0):
     parts = {"train": slice(0, n_fit), "val": slice(n_fit, 2 * n_fit), "test": slice(2 * n_fit, total)}
     splits = {k: SplitData(feats[:, s], y[s], np.arange(total)[s]) for k, s in parts.items()}
     splits["cal"] = splits["val"]
+    return splits, x
+
+
+def image_task(model, n_fit=1024, n_test=256, seed=0):
+    """A task from a 12-block ViT's own features on structured random images (class = dominant colour
+    pattern), so exit heads have something to learn and confidence varies across samples."""
+    splits, x = image_splits(model, n_fit, n_test, seed)
     return Task("images", seed, 10, splits, model.head.weight.detach(), model.head.bias.detach(),
                 fvcore_vit_macs(model), key=f"vit12-{seed}"), x
 
@@ -100,17 +107,7 @@ def msdnet_cifar_task(n_fit=1024, n_test=256, seed=0):
 
     torch.manual_seed(seed)
     model = MSDNet(MSDNetConfig(), in_chans=3, num_classes=10).eval()
-    gen = torch.Generator().manual_seed(seed)
-    total = 2 * n_fit + n_test
-    y = torch.randint(0, 10, (total,), generator=gen)
-    base = torch.rand(10, 3, 32, 32, generator=gen)
-    noise = torch.rand(total, 3, 32, 32, generator=gen) * torch.rand(total, 1, 1, 1, generator=gen) * 2
-    x = ((base[y] + noise) / 3 * 255).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    feats = compute_features(model, x, 32, batch_size=256)
-    y = y.numpy()
-    parts = {"train": slice(0, n_fit), "val": slice(n_fit, 2 * n_fit), "test": slice(2 * n_fit, total)}
-    splits = {k: SplitData(feats[:, s], y[s], np.arange(total)[s]) for k, s in parts.items()}
-    splits["cal"] = splits["val"]
+    splits, x = image_splits(model, n_fit, n_test, seed)
     lins = [c.linear for c in model.classifiers]
     heads = (torch.stack([lin.weight.detach().T for lin in lins]), torch.stack([lin.bias.detach() for lin in lins]))
     w, b = head_params(model)
