@@ -239,11 +239,32 @@ def train_backbone(cfg: BackboneConfig, train_x: np.ndarray, train_y: np.ndarray
     torch.manual_seed(seed)
     model = create_backbone(cfg, in_chans=train_x.shape[-1], num_classes=num_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    y_all = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
     steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    best = (-1.0, -1, None)
+
+    def set_lr(step: int) -> None:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, warmup, cfg.lr)
+
+    def validate() -> tuple[float, dict]:
+        return (predict_logits(model, val_x, cfg, device).argmax(1).numpy() == val_y).mean().item(), {}
+
+    return fit_epochs(model, opt, cfg, train_x, train_y, seed, device, desc,
+                      lambda xb, yb: F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing),
+                      validate, before_step=set_lr)
+
+
+def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x: np.ndarray, train_y: np.ndarray,
+               seed: int, device: str, desc: str, batch_loss, validate, before_step=None, after_epoch=None
+               ) -> tuple[torch.nn.Module, float, int, list[dict]]:
+    """The training loop every backbone shares. Each epoch: shuffle (a generator seeded with ``seed``), then per
+    mini-batch of ``cfg.batch_size`` images (augmented with ``cfg.augment``) ``before_step(step)``, the loss
+    ``batch_loss(xb, yb)`` and an optimiser step; then ``after_epoch()`` and ``validate() -> (val_accuracy,
+    extra history fields)``. The epoch with the best validation accuracy is kept (never test). Returns (model
+    with those weights, eval mode, frozen; val_accuracy; best_epoch; history)."""
+    gen = torch.Generator().manual_seed(seed)
+    y_all = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    best: tuple[float, int, dict | None] = (-1.0, -1, None)
     history: list[dict] = []
     t0 = time.perf_counter()
     step = 0
@@ -255,16 +276,18 @@ def train_backbone(cfg: BackboneConfig, train_x: np.ndarray, train_y: np.ndarray
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
             xb = augment_batch(to_tensor(train_x[idx.numpy()], cfg.img_size), cfg.augment, gen).to(device)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, warmup, cfg.lr)
-            loss = F.cross_entropy(model(xb), y_all[idx].to(device), label_smoothing=cfg.label_smoothing)
+            if before_step is not None:
+                before_step(step)
+            loss = batch_loss(xb, y_all[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss_sum += loss.item() * len(idx)
             step += 1
-        val_acc = (predict_logits(model, val_x, cfg, device).argmax(1).numpy() == val_y).mean().item()
-        history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), "val_accuracy": val_acc,
+        if after_epoch is not None:
+            after_epoch()
+        val_acc, extra = validate()
+        history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), "val_accuracy": val_acc, **extra,
                         "seconds": round(time.perf_counter() - t0, 1)})
         if val_acc > best[0]:
             best = (val_acc, epoch, copy.deepcopy(model.state_dict()))

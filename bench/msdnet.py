@@ -25,14 +25,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from bench.errors import UserError
 
@@ -398,46 +396,26 @@ def train_msdnet(cfg: MSDNetConfig, train_x: np.ndarray, train_y: np.ndarray, va
     """Train end to end (the sum of per-exit CE, or BoostedNet's boosted losses with gradient rescaling);
     keep the epoch with the best validation accuracy at the last exit (the ensemble's for BoostedNet).
     Returns (model, val_accuracy, best_epoch, history), like ``bench.backbone.train_backbone``."""
-    from bench.backbone import augment_batch, to_tensor
+    from bench.backbone import fit_epochs
 
     torch.manual_seed(seed)
     model = create_msdnet(cfg, train_x.shape[-1], num_classes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_milestones})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    y_all = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
     boosted = cfg.training == "boosted"
-    best: tuple[float, int, dict | None] = (-1.0, -1, None)
-    history: list[dict] = []
-    t0 = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
-    for epoch in bar:
-        model.train()
-        perm = torch.randperm(len(train_x), generator=gen)
-        loss_sum = 0.0
-        for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            xb = augment_batch(to_tensor(train_x[idx.numpy()], cfg.img_size), cfg.augment, gen).to(device)
-            yb = y_all[idx].to(device)
-            outs = model(xb, rescale_gradients=boosted)
-            if boosted:
-                outs = boosted_ensemble(outs, cfg.boost_weight, detach=True)
-            loss = sum(F.cross_entropy(o, yb) for o in outs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-        sched.step()
+
+    def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        outs = model(xb, rescale_gradients=boosted)
+        if boosted:
+            outs = boosted_ensemble(outs, cfg.boost_weight, detach=True)
+        return sum(F.cross_entropy(o, yb) for o in outs)
+
+    def validate() -> tuple[float, dict]:
         logits = predict_exit_logits(model, val_x, cfg, device)
         last = boosted_ensemble(logits, cfg.boost_weight)[-1] if boosted else logits[-1]
-        val_acc = float((last.argmax(1).numpy() == val_y).mean())
-        history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), "val_accuracy": val_acc,
-                        "val_exit_accuracy": [float(a) for a in (logits.argmax(2).numpy() == val_y).mean(1)],
-                        "seconds": round(time.perf_counter() - t0, 1)})
-        if val_acc > best[0]:
-            best = (val_acc, epoch, copy.deepcopy(model.state_dict()))
-        bar.set_postfix(loss=f"{loss_sum / len(perm):.3f}", val_acc=f"{val_acc:.3f}", best=f"{best[0]:.3f}")
-    model.load_state_dict(best[2])
-    model.eval().requires_grad_(False)
-    return model, best[0], best[1], history
+        return float((last.argmax(1).numpy() == val_y).mean()), {
+            "val_exit_accuracy": [float(a) for a in (logits.argmax(2).numpy() == val_y).mean(1)]}
+
+    return fit_epochs(model, opt, cfg, train_x, train_y, seed, device, desc, batch_loss, validate,
+                      after_epoch=sched.step)
