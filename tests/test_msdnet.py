@@ -11,9 +11,10 @@ from bench.flops import fvcore_macs
 from bench.interface import METHODS, create_method
 from bench.msdnet import (GradRescale, MSDNet, MSDNetConfig, block_layout, boosted_ensemble, msdnet_macs)
 from bench.run import build_task, count_macs
-from bench.runner import run_early_exit, timing_metrics
+from bench.runner import timing_metrics
 from bench.splits import load_or_make_splits
 from datasets import load_dataset
+from tests._early_exit_check import assert_real_equals_simulated
 
 # MSDNet-PyTorch's budgeted CIFAR-100 model, per-exit mul-adds from its own counter (reference/baselines.md)
 PUBLISHED_MACS = np.array([6.9, 14.4, 27.5, 41.7, 58.5]) * 1e6
@@ -178,29 +179,9 @@ def test_real_exits_on_msdnet_equal_simulated(trained, name):
     ds, backbone, task = trained
     fast = {k: v for k, v in {"epochs": 3}.items() if k in create_method(name).params()}
     method = create_method(name, fast).fit(task)
-    x = to_tensor(ds.test_x, TINY.img_size)
-    rows_in = []
-    hooks = [blk.register_forward_hook(lambda mod, inp, out, k=k: rows_in.append((k, inp[0][0].shape[0])))
-             for k, blk in enumerate(backbone.model.blocks)]
-    try:
-        points = [p for p in method.calibrate(task, [0.3, 0.5, 0.8]) if p is not None]
-        assert points, f"{name}: no feasible budget"
-        for point in points:
-            logits = method.exit_logits(task.splits["test"], point)
-            sim = method.decide(logits, point)
-            rows_in.clear()
-            real = run_early_exit(backbone.model, method, point, x, batch_size=100)
-            assert np.array_equal(real.exits, sim), f"{(real.exits != sim).sum()} flipped decisions"
-            sim_logits = logits[sim, np.arange(len(sim))]
-            assert torch.equal(real.logits.argmax(1), sim_logits.argmax(1))
-            torch.testing.assert_close(real.logits, sim_logits, atol=1e-5, rtol=1e-5)
-            seen = np.zeros(3, dtype=int)
-            for k, r in rows_in:
-                seen[k] += r
-            assert seen.tolist() == [(sim >= k).sum() for k in range(3)] == real.block_rows
-    finally:
-        for h in hooks:
-            h.remove()
+    checked = assert_real_equals_simulated(backbone.model, method, task, to_tensor(ds.test_x, TINY.img_size),
+                                           [0.3, 0.5, 0.8])
+    assert checked, f"{name}: no feasible budget"
 
 
 def test_timing_on_msdnet_uses_the_static_network(trained):

@@ -1,8 +1,6 @@
 """The real early-exit runner equals the simulation from cached features, for every deployable method, and
 never runs an exited sample through a later block."""
-import numpy as np
 import pytest
-import torch
 
 from bench.backbone import BackboneConfig, load_or_train_backbone, to_tensor
 from bench.features import load_or_compute_features
@@ -11,6 +9,7 @@ from bench.run import build_task, count_macs
 from bench.runner import run_early_exit, timing_metrics
 from bench.splits import load_or_make_splits
 from datasets import load_dataset
+from tests._early_exit_check import assert_real_equals_simulated
 
 TINY = BackboneConfig(img_size=8, patch_size=2, embed_dim=32, depth=4, num_heads=2, epochs=4, batch_size=128)
 DEPLOYABLE = [m for m in METHODS.names() if not METHODS.get(m).bound]
@@ -37,28 +36,8 @@ def _fast_params(name):
 def test_real_exits_equal_simulated(setup, name):
     ds, backbone, task = setup
     method = create_method(name, _fast_params(name)).fit(task)
-    x = to_tensor(ds.test_x, TINY.img_size)
-    rows_in = []
-    hooks = [blk.register_forward_hook(lambda mod, inp, out, k=k: rows_in.append((k, inp[0].shape[0])))
-             for k, blk in enumerate(backbone.model.blocks)]
-    try:
-        for point in filter(None, method.calibrate(task, [0.3, 0.5, 0.7, 0.9])):
-            logits = method.exit_logits(task.splits["test"], point)
-            sim = method.decide(logits, point)
-            rows_in.clear()
-            real = run_early_exit(backbone.model, method, point, x, batch_size=100)
-            assert np.array_equal(real.exits, sim), f"{(real.exits != sim).sum()} flipped decisions"
-            sim_logits = logits[sim, np.arange(len(sim))]
-            assert torch.equal(real.logits.argmax(1), sim_logits.argmax(1))
-            assert torch.allclose(real.logits, sim_logits, atol=1e-5)
-            # survivor compaction: block k saw exactly the samples that had not exited before it
-            seen = np.zeros(TINY.depth, dtype=int)
-            for k, r in rows_in:
-                seen[k] += r
-            assert seen.tolist() == [(sim >= k).sum() for k in range(TINY.depth)] == real.block_rows
-    finally:
-        for h in hooks:
-            h.remove()
+    assert_real_equals_simulated(backbone.model, method, task, to_tensor(ds.test_x, TINY.img_size),
+                                 [0.3, 0.5, 0.7, 0.9])
 
 
 def test_budget_one_runs_every_block_and_small_budget_saves_blocks(setup):
