@@ -165,6 +165,16 @@ def head_params(model) -> tuple[torch.Tensor, torch.Tensor]:
     return head.weight.detach().cpu().float(), head.bias.detach().cpu().float()
 
 
+def exit_head_params(model) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A multi-exit backbone's own exit classifiers (MSDNet's) as (weight [K, D, C], bias [K, C]); None for a
+    backbone with one head (the ViT), whose intermediate heads the methods train."""
+    if not hasattr(model, "classifiers"):
+        return None
+    lins = [c.linear for c in model.classifiers]
+    return (torch.stack([lin.weight.detach().cpu().float().T for lin in lins]),
+            torch.stack([lin.bias.detach().cpu().float() for lin in lins]))
+
+
 @torch.no_grad()
 def block_features(model, x: torch.Tensor) -> torch.Tensor:
     """Per-exit features [K, N, D] for images [N, C, H, W] (K = depth), through the staged forward."""

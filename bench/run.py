@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.backbone import BackboneConfig, create_backbone, default_config, head_params, load_or_train_backbone
+from bench.backbone import (BackboneConfig, create_backbone, default_config, exit_head_params, head_params,
+                            load_or_train_backbone)
 from bench.errors import UserError
 from bench.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.features import load_or_compute_features
@@ -251,13 +252,8 @@ def build_task(dataset, splits, backbone, feats: dict[str, torch.Tensor], macs, 
         parts[name] = SplitData(feats["train"][:, torch.from_numpy(idx)], dataset.train_y[idx], idx)
     parts["test"] = SplitData(feats["test"], dataset.test_y, splits.test)
     weight, bias = head_params(backbone.model)
-    exit_heads = None
-    if isinstance(backbone.model, MSDNet):  # its own classifiers: weight [K, D, C], bias [K, C]
-        lins = [c.linear for c in backbone.model.classifiers]
-        exit_heads = (torch.stack([lin.weight.detach().cpu().float().T for lin in lins]),
-                      torch.stack([lin.bias.detach().cpu().float() for lin in lins]))
     return Task(dataset.name, splits.seed, dataset.num_classes, parts, weight, bias, macs, key=backbone.key,
-                split_sha256=splits.sha256, backbone=kind, exit_heads=exit_heads)
+                split_sha256=splits.sha256, backbone=kind, exit_heads=exit_head_params(backbone.model))
 
 
 def describe_backbone(c: "BackboneConfig | MSDNetConfig") -> str:

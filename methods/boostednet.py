@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bench.interface import ScoreExitMethod, register_method
+from bench.msdnet import boosted_ensemble
 from bench.task import SplitData, Task
 from methods._heads import HeadConfig
 
@@ -116,10 +117,8 @@ class BoostedNet(ScoreExitMethod):
         """The ensemble's logits F [K, N, C]."""
         self.check_fitted()
         with torch.no_grad():
-            out = [self._head(0, split.features[0])]
-            for k in range(1, len(self.costs_)):
-                out.append(self._head(k, split.features[k]) + self.boost_weight * out[-1])
-            return torch.stack(out)
+            f = [self._head(k, split.features[k]) for k in range(len(self.costs_))]
+            return torch.stack(boosted_ensemble(f, self.boost_weight))
 
     def stream_head(self, k: int, features_k: torch.Tensor, point, state: dict | None):
         """F_k on the survivors; F_{k-1} of each running sample travels in ``state["ensemble"]``."""

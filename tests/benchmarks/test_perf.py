@@ -101,18 +101,16 @@ def test_real_early_exit_cpu_vit12(benchmark):
 def msdnet_cifar_task(n_fit=1024, n_test=256, seed=0):
     """MSDNet's budgeted CIFAR configuration (random weights) with a task from its own exits' features on the
     same structured random images as ``image_task``; its own classifiers are the exit heads."""
-    from bench.backbone import head_params
+    from bench.backbone import exit_head_params, head_params
     from bench.msdnet import MSDNet, MSDNetConfig
     from bench.run import count_macs
 
     torch.manual_seed(seed)
     model = MSDNet(MSDNetConfig(), in_chans=3, num_classes=10).eval()
     splits, x = image_splits(model, n_fit, n_test, seed)
-    lins = [c.linear for c in model.classifiers]
-    heads = (torch.stack([lin.weight.detach().T for lin in lins]), torch.stack([lin.bias.detach() for lin in lins]))
     w, b = head_params(model)
     return model, Task("images", seed, 10, splits, w, b, count_macs(model), key=f"msdnet-{seed}",
-                       backbone="msdnet", exit_heads=heads), x
+                       backbone="msdnet", exit_heads=exit_head_params(model)), x
 
 
 @pytest.mark.perf
