@@ -23,7 +23,7 @@ from bench.hashing import atomic_write
 
 log_ = logging.getLogger(__name__)
 EXECUTORS = ("sequential", "local", "dask")
-Job = tuple[int, str]  # (seed, method name; "static" is the static backbone)
+Job = tuple[int, str]  # (seed, method name; "static" / "static@msdnet" are the static networks)
 
 
 class JobFailures(UserError):
