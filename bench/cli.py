@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from bench.errors import UserError
+from bench.base.errors import UserError
 
 
 def _csv_list(kind: str, convert):
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from bench.run import DEFAULT_BUDGETS, RunConfig, execute
+    from bench.pipeline.run import DEFAULT_BUDGETS, RunConfig, execute
 
     cfg = RunConfig(methods=args.methods, dataset=args.dataset, backbone=args.backbone, seeds=args.seeds,
                     budgets=args.budgets or list(DEFAULT_BUDGETS), overrides=parse_set(args.overrides),
@@ -105,8 +105,8 @@ def cmd_run(args) -> int:
 
 def cmd_ls(args) -> int:
     import methods  # noqa: F401
-    from bench.backbone import DATASET_DEFAULTS
-    from bench.interface import METHODS
+    from bench.backbones.vit import DATASET_DEFAULTS
+    from bench.core.interface import METHODS
     from datasets import list_datasets
 
     print("methods:")
@@ -129,8 +129,8 @@ def cmd_ls(args) -> int:
 
 def cmd_check(args) -> int:
     import methods  # noqa: F401
-    from bench.conformance import default_task, run_checks
-    from bench.interface import METHODS
+    from bench.core.conformance import default_task, run_checks
+    from bench.core.interface import METHODS
 
     names = METHODS.names() if "all" in args.methods else list(dict.fromkeys(args.methods))
     for name in names:
@@ -147,7 +147,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from bench.report import build_report
+    from bench.results.report import build_report
 
     report = build_report(args.run_dirs, out=args.out, split=args.split, budget=args.budget)
     print(report.markdown)

@@ -4,7 +4,7 @@
 images, int64 labels, fixed train/test split). Registered names: ``digits`` (scikit-learn, embedded),
 ``fashion-mnist`` (IDX), ``cifar10`` / ``cifar100`` / ``cifar100-lt`` (python-version pickles), ``svhn`` (.mat).
 Files are md5-verified; see :mod:`datasets._files` for where they are looked for and how they are downloaded.
-Every user-fixable problem raises :class:`bench.errors.UserError`.
+Every user-fixable problem raises :class:`bench.base.errors.UserError`.
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from bench.errors import UserError
-from bench.registry import Registry
+from bench.base.errors import UserError
+from bench.base.registry import Registry
 
 # A loader takes (data_dir or None, download) and returns an ImageDataset.
 Loader = Callable[[Optional[Path], bool], "ImageDataset"]
@@ -82,7 +82,7 @@ def load_dataset(
 
     Files are looked for in ``data_dir`` (and its ``<name>/`` subfolder), then the cache
     (``$BENCH_DATA_DIR`` or ``~/.cache/bench/data``), then system locations; missing files are downloaded into
-    the cache unless ``download`` is false. Every problem the user can fix raises :class:`bench.errors.UserError`.
+    the cache unless ``download`` is false. Every problem the user can fix raises :class:`bench.base.errors.UserError`.
     """
     loader = _REGISTRY.get(name)  # UserError with "did you mean" for unknown names
     path = None

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bench.errors import UserError
-from bench.hashing import atomic_write, file_digest
+from bench.base.errors import UserError
+from bench.base.hashing import atomic_write, file_digest
 
 log = logging.getLogger(__name__)
 

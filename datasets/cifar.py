@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from bench.errors import UserError
+from bench.base.errors import UserError
 
 from . import _files
 from ._base import ImageDataset, register_dataset

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from bench.errors import UserError
+from bench.base.errors import UserError
 
 from . import _files
 from ._base import ImageDataset, register_dataset

@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 
-from bench.errors import UserError
+from bench.base.errors import UserError
 
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bench.interface import ScoreExitMethod
-from bench.task import SplitData, Task
+from bench.core.interface import ScoreExitMethod
+from bench.core.task import SplitData, Task
 
 
 @dataclass(frozen=True)

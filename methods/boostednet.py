@@ -9,7 +9,7 @@ Method card
     cached features, the last exit included, trained in order, head k on the residual of the detached ensemble
     of the heads before it, each keeping the epoch with the best validation accuracy of F_k (AdamW, cosine,
     the shared heads' hyper-parameters). No trunk is trained, so there is no gradient to rescale.
-  - ``--backbone msdnet`` (the paper's setting): MSDNet trained as BoostedNet (``bench.msdnet``,
+  - ``--backbone msdnet`` (the paper's setting): MSDNet trained as BoostedNet (``bench.backbones.msdnet``,
     ``training="boosted"``): boosted losses and the paper's gradient rescaling (the coarsest-scale map scaled by
     1/(K-k) before head k and by K-k-1 on its way on, so block k gets the mean gradient of the K-k heads that
     depend on it). The method combines that network's own heads; ``--set boostednet.boost_weight`` sets the weight
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bench.interface import ScoreExitMethod, register_method
-from bench.msdnet import boosted_ensemble
-from bench.task import SplitData, Task
+from bench.core.interface import ScoreExitMethod, register_method
+from bench.backbones.msdnet import boosted_ensemble
+from bench.core.task import SplitData, Task
 from methods._heads import HeadConfig
 
 

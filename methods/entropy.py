@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.interface import register_method
+from bench.core.interface import register_method
 from methods._heads import CrossEntropyHeadsMethod
 
 

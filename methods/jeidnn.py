@@ -54,7 +54,7 @@ Method card
 - Cost: each intermediate exit adds its IM (D*C MACs) and its gate, counted as 9C + 6 operations (the softmax of
   z and of 2z with their entropies, the top-2 margin and max, then Linear(4, 1) and the sigmoid).
 - Operating points: one per lambda (default grid 0.01 ... 5), ``params = {"lambda": lam}``; a budget takes the
-  lambda with the largest validation ``macs_rel`` <= budget (``bench.calibration.select_budget``), None if none
+  lambda with the largest validation ``macs_rel`` <= budget (``bench.measure.calibration.select_budget``), None if none
   fits. There is no threshold at test time. ``exit_logits(split, point)`` uses that lambda's IMs; with
   ``point=None`` the warm-up IMs (the per-head accuracy rows).
 - Behaviour worth knowing: with class-balanced gate targets and the 0.5 rule, a gate whose four statistics say
@@ -76,10 +76,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bench.calibration import select_budget
-from bench.errors import UserError
-from bench.interface import ExitMethod, OperatingPoint, register_method
-from bench.task import SplitData, Task
+from bench.measure.calibration import select_budget
+from bench.base.errors import UserError
+from bench.core.interface import ExitMethod, OperatingPoint, register_method
+from bench.core.task import SplitData, Task
 
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 2.0, 5.0)
 STATE_KEY = "cum_g"  # exit_now's per-sample running sum of g

@@ -28,11 +28,11 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 
-from bench.interface import OperatingPoint, register_method
-from bench.task import Task
+from bench.core.interface import OperatingPoint, register_method
+from bench.core.task import Task
 from methods._heads import CrossEntropyHeadsMethod
 
-_TOL = 1e-12  # relative slack on budget comparisons, the same as bench.calibration.select_budget
+_TOL = 1e-12  # relative slack on budget comparisons, the same as bench.measure.calibration.select_budget
 
 
 def oracle_exits(correct: np.ndarray, costs: np.ndarray, budget: float | None,
@@ -75,7 +75,7 @@ class Oracle(CrossEntropyHeadsMethod):
         "check_streaming": "it needs labels and the whole split (a mean-cost knapsack over every sample), "
                            "neither of which a streaming runner has; exit_now raises NotImplementedError.",
         "check_runner_equivalence": "the real runner calls exit_now, which a bound cannot have (see "
-                                    "check_streaming); bench.runner refuses bounds for that reason.",
+                                    "check_streaming); bench.pipeline.runner refuses bounds for that reason.",
         "check_batch_invariance": "the budget is a mean over the split being decided: the knapsack couples the "
                                   "samples, so halves of a split spend their budgets differently.",
     }

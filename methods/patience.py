@@ -25,9 +25,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bench.calibration import select_budget
-from bench.interface import OperatingPoint, register_method
-from bench.task import Task
+from bench.measure.calibration import select_budget
+from bench.core.interface import OperatingPoint, register_method
+from bench.core.task import Task
 from methods._heads import CrossEntropyHeadsMethod
 
 

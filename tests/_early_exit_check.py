@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from bench.runner import run_early_exit
+from bench.pipeline.runner import run_early_exit
 
 
 def assert_real_equals_simulated(model, method, task, x: torch.Tensor, budgets) -> int:

@@ -12,7 +12,7 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=Fu
 import pytest  # noqa: E402
 
 import methods  # noqa: E402,F401  (registers the methods)
-from bench.task import synthetic_task  # noqa: E402
+from bench.core.task import synthetic_task  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-import bench.backbone as bb
-from bench import features as F
-from bench.backbone import BackboneConfig, block_features, create_backbone, head_logits, to_tensor
-from bench.splits import make_splits
+import bench.backbones.vit as bb
+from bench.pipeline import features as F
+from bench.backbones.vit import BackboneConfig, block_features, create_backbone, head_logits, to_tensor
+from bench.pipeline.splits import make_splits
 from datasets import load_dataset
 
 TINY = BackboneConfig(img_size=8, patch_size=2, embed_dim=32, depth=3, num_heads=2, epochs=2, batch_size=128)

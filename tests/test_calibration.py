@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bench.calibration import calibrate_shared_threshold, first_exit, select_budget, threshold_cost_curve
+from bench.measure.calibration import calibrate_shared_threshold, first_exit, select_budget, threshold_cost_curve
 
 
 def slow_first_exit(scores, t):
@@ -70,7 +70,7 @@ def test_select_budget_prefers_first_on_ties():
 
 
 # ---- MSDNet's geometric (r^k) scheme --------------------------------------------------------------------------
-from bench.calibration import (GEOMETRIC_RATIOS, calibrate_geometric, calibrate_thresholds,  # noqa: E402
+from bench.measure.calibration import (GEOMETRIC_RATIOS, calibrate_geometric, calibrate_thresholds,  # noqa: E402
                                geometric_thresholds)
 
 

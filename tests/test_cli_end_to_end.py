@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import metrics as M
+from bench.measure import metrics as M
 from bench.cli import main
-from bench.results import DECISION_COLUMNS, METRIC_COLUMNS, read_metrics
+from bench.results.files import DECISION_COLUMNS, METRIC_COLUMNS, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "backbone.depth=3", "--set", "backbone.embed_dim=32", "--set", "backbone.num_heads=2",

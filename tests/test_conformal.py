@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from bench import conformal as CP
+from bench.measure import conformal as CP
 
 
 def test_quantile_rank_and_infinity():

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench import conformance as C
-from bench.calibration import first_exit
+from bench.core import conformance as C
+from bench.measure.calibration import first_exit
 from bench.cli import main
-from bench.errors import UserError
-from bench.interface import METHODS, ExitMethod, OperatingPoint
+from bench.base.errors import UserError
+from bench.core.interface import METHODS, ExitMethod, OperatingPoint
 from methods.threshold import MaxSoftmaxThreshold
 
 
@@ -246,7 +246,7 @@ def test_run_checks_accepts_names_classes_and_factories(ctask):
 
 
 def test_default_task_does_not_share_the_synthetic_key():
-    from bench.task import synthetic_task
+    from bench.core.task import synthetic_task
     assert C.default_task().key != synthetic_task().key  # else memoised heads would mix the two tasks
 
 

@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datasets  # noqa: E402
-from bench.errors import UserError  # noqa: E402
+from bench.base.errors import UserError  # noqa: E402
 from datasets import ImageDataset, _files, list_datasets, load_dataset, register_dataset  # noqa: E402
 from datasets.cifar import LT_MAX_PER_CLASS, long_tail_counts, long_tail_indices  # noqa: E402
 

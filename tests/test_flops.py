@@ -1,4 +1,4 @@
-"""Tests for bench.flops: analytic MACs are the arbiter; fvcore and torch's counter must agree with them."""
+"""Tests for bench.measure.flops: analytic MACs are the arbiter; fvcore and torch's counter must agree with them."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.flops import (  # noqa: E402
+from bench.measure.flops import (  # noqa: E402
     ViTMacs,
     analytic_vit_macs,
     fused_attention,

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.conformance import scramble_after_exit
-from bench.errors import UserError
-from bench.interface import OperatingPoint, create_method, stream_decide
-from bench.task import synthetic_task
+from bench.core.conformance import scramble_after_exit
+from bench.base.errors import UserError
+from bench.core.interface import OperatingPoint, create_method, stream_decide
+from bench.core.task import synthetic_task
 from methods.jeidnn import (
     exit_probabilities,
     gate_features,

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.conformance import scramble_after_exit
-from bench.errors import UserError
-from bench.interface import METHODS, NotFittedError, create_method, stream_decide
+from bench.core.conformance import scramble_after_exit
+from bench.base.errors import UserError
+from bench.core.interface import METHODS, NotFittedError, create_method, stream_decide
 
 SCORE_METHODS = ["threshold", "entropy"]
 BUDGETS = [0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
@@ -117,8 +117,8 @@ def test_evaluation_uses_each_points_own_logits(name):
     has heads per lambda: evaluating every lambda on one set of logits would be silently wrong)."""
     import json
 
-    from bench.evaluate import evaluate_method
-    from bench.task import synthetic_task
+    from bench.pipeline.evaluate import evaluate_method
+    from bench.core.task import synthetic_task
 
     task = synthetic_task(noise=3.0, seed=1)
     fields = create_method(name).params()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from bench import metrics as M
+from bench.measure import metrics as M
 
 
 def test_ece_hand_computed():

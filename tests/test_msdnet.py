@@ -5,14 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.backbone import block_features, load_or_train_backbone, to_tensor
-from bench.features import load_or_compute_features
-from bench.flops import fvcore_macs
-from bench.interface import METHODS, create_method
-from bench.msdnet import (GradRescale, MSDNet, MSDNetConfig, block_layout, boosted_ensemble, msdnet_macs)
-from bench.run import build_task, count_macs
-from bench.runner import timing_metrics
-from bench.splits import load_or_make_splits
+from bench.backbones.vit import block_features, load_or_train_backbone, to_tensor
+from bench.pipeline.features import load_or_compute_features
+from bench.measure.flops import fvcore_macs
+from bench.core.interface import METHODS, create_method
+from bench.backbones.msdnet import (GradRescale, MSDNet, MSDNetConfig, block_layout, boosted_ensemble, msdnet_macs)
+from bench.pipeline.run import build_task, count_macs
+from bench.pipeline.runner import timing_metrics
+from bench.pipeline.splits import load_or_make_splits
 from datasets import load_dataset
 from tests._early_exit_check import assert_real_equals_simulated
 
@@ -122,7 +122,7 @@ def test_gradient_rescaling_gives_each_block_the_mean_of_its_heads_gradients():
 
 
 def test_invalid_configurations_are_user_errors():
-    from bench.errors import UserError
+    from bench.base.errors import UserError
 
     with pytest.raises(UserError, match="step_mode"):
         MSDNet(MSDNetConfig(step_mode="geometric"), 3, 10)
@@ -215,7 +215,7 @@ VIT_TINY = ["--set", "backbone.depth=3", "--set", "backbone.embed_dim=32", "--se
 
 def _run(tmp_path, *args):
     from bench.cli import main
-    from bench.results import read_metrics
+    from bench.results.files import read_metrics
 
     out = tmp_path / "out"
     rc = main(["run", "--dataset", "digits", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
@@ -252,8 +252,8 @@ def test_msdnet_method_on_a_vit_run_brings_its_own_network(tmp_path):
     assert "msdnet @ msdnet" in summary and "threshold @ vit_tiny_patch16_224" in summary
     # bench report keeps both static networks apart and plots absolute MACs (macs_rel has two denominators)
     from bench.cli import main
-    from bench.plots import plot_metric_vs_cost
-    from bench.report import aggregate, load_runs
+    from bench.results.plots import plot_metric_vs_cost
+    from bench.results.report import aggregate, load_runs
 
     agg = aggregate(load_runs([tmp_path / "out"]))
     statics = agg[(agg["method"] == "static") & (agg["metric"] == "accuracy")]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.conformance import default_task
-from bench.interface import OperatingPoint, create_method, stream_decide
+from bench.core.conformance import default_task
+from bench.core.interface import OperatingPoint, create_method, stream_decide
 from methods.oracle import Oracle, oracle_exits
 from methods.patience import Patience, patience_exits
 

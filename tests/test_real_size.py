@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bench.cli import main
-from bench.results import read_metrics
+from bench.results.files import read_metrics
 
 
 def _run(tmp_path, dataset, *extra, methods="threshold,entropy"):
@@ -27,7 +27,7 @@ def test_digits_default_run(tmp_path):
 
 @pytest.mark.slow
 def test_fashion_mnist_default_run(tmp_path):
-    from bench.errors import UserError
+    from bench.base.errors import UserError
     from datasets import load_dataset
 
     try:

@@ -14,8 +14,8 @@ import pytest
 from scipy import stats
 
 from bench.cli import main
-from bench.report import aggregate, build_report, load_runs, paired_bootstrap
-from bench.results import METRIC_COLUMNS
+from bench.results.report import aggregate, build_report, load_runs, paired_bootstrap
+from bench.results.files import METRIC_COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ["accuracy_vs_cost", "ece_vs_cost", "conformal_vs_cost", "exit_distribution"]

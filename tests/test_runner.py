@@ -2,12 +2,12 @@
 never runs an exited sample through a later block."""
 import pytest
 
-from bench.backbone import BackboneConfig, load_or_train_backbone, to_tensor
-from bench.features import load_or_compute_features
-from bench.interface import METHODS, create_method
-from bench.run import build_task, count_macs
-from bench.runner import run_early_exit, timing_metrics
-from bench.splits import load_or_make_splits
+from bench.backbones.vit import BackboneConfig, load_or_train_backbone, to_tensor
+from bench.pipeline.features import load_or_compute_features
+from bench.core.interface import METHODS, create_method
+from bench.pipeline.run import build_task, count_macs
+from bench.pipeline.runner import run_early_exit, timing_metrics
+from bench.pipeline.splits import load_or_make_splits
 from datasets import load_dataset
 from tests._early_exit_check import assert_real_equals_simulated
 

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from bench.errors import UserError
-from bench.registry import Registry
-from bench.splits import load_or_make_splits, make_splits
+from bench.base.errors import UserError
+from bench.base.registry import Registry
+from bench.pipeline.splits import load_or_make_splits, make_splits
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import bench.run as run_module
+import bench.pipeline.run as run_module
 from bench.cli import main
-from bench.executors import JobFailures, run_jobs
-from bench.results import read_metrics
-from bench.run import RunConfig
+from bench.pipeline.executors import JobFailures, run_jobs
+from bench.results.files import read_metrics
+from bench.pipeline.run import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "backbone.depth=3", "--set", "backbone.embed_dim=32", "--set", "backbone.num_heads=2",

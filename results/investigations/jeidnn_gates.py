@@ -22,12 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import methods  # noqa: E402,F401
-from bench.backbone import load_or_train_backbone  # noqa: E402
-from bench.calibration import calibrate_shared_threshold, first_exit  # noqa: E402
-from bench.features import load_or_compute_features  # noqa: E402
-from bench.interface import create_method  # noqa: E402
-from bench.run import RunConfig, build_task, count_macs, default_cache_dir  # noqa: E402
-from bench.splits import load_or_make_splits  # noqa: E402
+from bench.backbones.vit import load_or_train_backbone  # noqa: E402
+from bench.measure.calibration import calibrate_shared_threshold, first_exit  # noqa: E402
+from bench.pipeline.features import load_or_compute_features  # noqa: E402
+from bench.core.interface import create_method  # noqa: E402
+from bench.pipeline.run import RunConfig, build_task, count_macs, default_cache_dir  # noqa: E402
+from bench.pipeline.splits import load_or_make_splits  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 
 BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]

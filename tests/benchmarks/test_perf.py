@@ -10,12 +10,12 @@ import pytest
 import timm
 import torch
 
-from bench.evaluate import evaluate_method
-from bench.features import compute_features
-from bench.flops import fvcore_vit_macs
-from bench.interface import create_method
-from bench.runner import run_early_exit, time_call
-from bench.task import SplitData, Task, synthetic_task
+from bench.pipeline.evaluate import evaluate_method
+from bench.pipeline.features import compute_features
+from bench.measure.flops import fvcore_vit_macs
+from bench.core.interface import create_method
+from bench.pipeline.runner import run_early_exit, time_call
+from bench.core.task import SplitData, Task, synthetic_task
 
 BUDGETS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
@@ -75,7 +75,7 @@ def static_forward(model, x):
 def test_real_early_exit_cpu_vit12(benchmark):
     """12-block ViT, budget 0.5, batch 256 on CPU: wall-clock speed-up vs MAC speed-up (target wall_rel <=
     macs_rel / 0.8), and batch 1 latency. Exits equal the simulation."""
-    from bench.backbone import to_tensor
+    from bench.backbones.vit import to_tensor
 
     model = vit12()
     task, x_uint8 = image_task(model)
@@ -101,9 +101,9 @@ def test_real_early_exit_cpu_vit12(benchmark):
 def msdnet_cifar_task(n_fit=1024, n_test=256, seed=0):
     """MSDNet's budgeted CIFAR configuration (random weights) with a task from its own exits' features on the
     same structured random images as ``image_task``; its own classifiers are the exit heads."""
-    from bench.backbone import exit_head_params, head_params
-    from bench.msdnet import MSDNet, MSDNetConfig
-    from bench.run import count_macs
+    from bench.backbones.vit import exit_head_params, head_params
+    from bench.backbones.msdnet import MSDNet, MSDNetConfig
+    from bench.pipeline.run import count_macs
 
     torch.manual_seed(seed)
     model = MSDNet(MSDNetConfig(), in_chans=3, num_classes=10).eval()
@@ -117,7 +117,7 @@ def msdnet_cifar_task(n_fit=1024, n_test=256, seed=0):
 def test_real_early_exit_cpu_msdnet(benchmark):
     """MSDNet (budgeted CIFAR configuration, 5 exits), budget 0.5, batch 256 on CPU: wall-clock vs MACs, with
     every scale map compacted after each exit. Exits equal the simulation."""
-    from bench.backbone import to_tensor
+    from bench.backbones.vit import to_tensor
 
     model, task, x_uint8 = msdnet_cifar_task()
     method = create_method("msdnet").fit(task)
@@ -137,7 +137,7 @@ def test_real_early_exit_cpu_msdnet(benchmark):
 @pytest.mark.perf
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_real_early_exit_cuda_vit12():
-    from bench.backbone import to_tensor
+    from bench.backbones.vit import to_tensor
 
     model = vit12()
     task, x_uint8 = image_task(model)
@@ -162,7 +162,7 @@ def test_feature_cache_vs_backbone_per_batch_jeidnn_epoch(benchmark):
     same epoch with the frozen 12-block backbone run for every mini-batch. The head/gate work is identical in
     both; the second adds one no-grad backbone pass over the epoch's images, timed on the same images with
     JEI-DNN's batch size. Target: the cache is >= 20x faster."""
-    from bench.backbone import block_features, to_tensor
+    from bench.backbones.vit import block_features, to_tensor
 
     model = vit12()
     task, x_uint8 = image_task(model, n_fit=2048, n_test=64)

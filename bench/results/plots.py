@@ -1,5 +1,5 @@
 """Figures of a report, shared by ``python -m bench report`` and ``results/figures.ipynb``. Every function takes
-the frames of :mod:`bench.report` (``aggregate``, ``exit_distribution``) and returns a matplotlib Figure (or None
+the frames of :mod:`bench.results.report` (``aggregate``, ``exit_distribution``) and returns a matplotlib Figure (or None
 when the runs have nothing to draw); the backend is left to the caller (the CLI uses Agg)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.summary import is_bound
+from bench.results.summary import is_bound
 
 FIGSIZE = (5.0, 3.8)
 
@@ -181,7 +181,7 @@ def plot_wall_vs_macs(agg: pd.DataFrame):
 
 def figures(df: pd.DataFrame, agg: pd.DataFrame, budget: float | None, split: str = "test") -> dict:
     """name -> Figure for every figure the runs can draw."""
-    from bench.report import exit_distribution
+    from bench.results.report import exit_distribution
 
     figs = {"accuracy_vs_cost": plot_accuracy_vs_cost(agg), "ece_vs_cost": plot_ece_vs_cost(agg),
             "conformal_vs_cost": plot_conformal_vs_cost(agg),
@@ -193,7 +193,7 @@ def figures(df: pd.DataFrame, agg: pd.DataFrame, budget: float | None, split: st
 
 def save_all(df: pd.DataFrame, agg: pd.DataFrame, out: Path, budget: float | None, split: str = "test") -> list[Path]:
     """Write every figure as PNG and PDF under ``out`` (atomically); returns the paths."""
-    from bench.hashing import atomic_write
+    from bench.base.hashing import atomic_write
 
     plt = _plt()
     paths = []

@@ -10,7 +10,7 @@ SUMMARY_METRICS = ("accuracy", "macs_rel", "ece")
 
 def is_bound(method: str) -> bool:
     """Whether a registered method is an upper bound (reads labels, like the oracle) rather than a method."""
-    from bench.interface import METHODS
+    from bench.core.interface import METHODS
 
     return method in METHODS and bool(METHODS.get(method).bound)
 

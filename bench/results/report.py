@@ -1,6 +1,6 @@
 """``python -m bench report``: aggregate one or more run directories over seeds, compare methods pairwise on
 the same test samples, and write ``report.md`` / ``report.tex`` / ``aggregate.csv`` plus the figures of
-:mod:`bench.plots`.
+:mod:`bench.results.plots`.
 
 Aggregation: per dataset x backbone x method x budget x metric (conformal rows also keyed by ``score``,
 ``scope`` and ``alpha`` from ``params``), the mean, the standard deviation (ddof 1) and a 95 % confidence
@@ -22,8 +22,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from bench.errors import UserError
-from bench.results import METRIC_COLUMNS
+from bench.base.errors import UserError
+from bench.results.files import METRIC_COLUMNS
 
 OVERALL_METRICS = ("accuracy", "macs_rel", "macs", "ece", "nll", "brier", "auroc_misclassification")
 CONFORMAL_METRICS = ("coverage", "set_size")
@@ -78,7 +78,7 @@ def _label(df: pd.DataFrame) -> pd.DataFrame:
     same dataset (e.g. two JEI-DNN variants) gets its run id appended; where a dataset's rows come from several
     networks (``msdnet`` brings its own), labels name the network. Each static backbone is kept once."""
     import methods  # noqa: F401  (registers the methods, so bounds are recognised)
-    from bench.summary import method_label, with_backbone
+    from bench.results.summary import method_label, with_backbone
 
     static = df["method"] == "static"
     first = df[static].groupby(["dataset", "backbone", "seed"])["run_id"].first().rename("_first")
@@ -347,7 +347,7 @@ class Report:
 def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, split: str = "test",
                  budget: float | None = None) -> Report:
     """Everything ``python -m bench report`` does. Inputs are validated before anything is written."""
-    from bench.hashing import atomic_write_text
+    from bench.base.hashing import atomic_write_text
 
     df = load_runs(run_dirs)
     if not (df["split"] == split).any():
@@ -362,7 +362,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     import matplotlib
 
     matplotlib.use("Agg")
-    from bench import plots
+    from bench.results import plots
 
     out_dir = Path(out) if out is not None else Path(run_dirs[0]) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from bench.flops import ViTMacs, linear_macs
+from bench.measure.flops import ViTMacs, linear_macs
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Task:
     macs: ViTMacs  # per-image MACs of the static backbone, per block
     key: str  # identifies the frozen backbone + split: methods may cache on it
     split_sha256: str = ""
-    backbone: str = "vit"  # vit | msdnet | msdnet-boosted (bench.run.BACKBONE_KINDS)
+    backbone: str = "vit"  # vit | msdnet | msdnet-boosted (bench.pipeline.run.BACKBONE_KINDS)
     # a multi-exit backbone's own trained exit classifiers (MSDNet): weight [K, D, C], bias [K, C]; None for a
     # single-exit backbone, whose intermediate heads the methods train themselves
     exit_heads: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -1,7 +1,7 @@
 """Turn a fitted method's decisions into tidy metric rows and per-sample decision rows.
 
 One code path for every method: the prediction at the chosen exit, its softmax (float64), and the metrics
-of bench.metrics over the whole split. Row schema (DESIGN.md): split, seed, method, params, budget, metric,
+of bench.measure.metrics over the whole split. Row schema (DESIGN.md): split, seed, method, params, budget, metric,
 value, n, exit; the run-level columns (run_id, dataset, backbone) are added by the writer.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bench import conformal as CP
-from bench import metrics as M
-from bench.hashing import canonical_json
-from bench.interface import ExitMethod, OperatingPoint
-from bench.task import Task
+from bench.measure import conformal as CP
+from bench.measure import metrics as M
+from bench.base.hashing import canonical_json
+from bench.core.interface import ExitMethod, OperatingPoint
+from bench.core.task import Task
 
 EVAL_SPLITS = ("val", "test")
 CONFORMAL_ALPHAS = (0.05, 0.1)  # fixed in advance, never chosen on test

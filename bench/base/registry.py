@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, TypeVar
 
-from bench.errors import UserError
+from bench.base.errors import UserError
 
 T = TypeVar("T")
 

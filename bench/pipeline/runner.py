@@ -3,7 +3,7 @@
 After block k the survivors' exit-k features go through the method's exit head (``stream_head``) and its
 streaming rule (``exit_now``); the rows that leave are removed from the block state (survivor compaction: the
 ViT's tokens, or every scale map of MSDNet), so an exited sample never enters a later block. The backbone is
-driven through its staged forward (``bench.backbone.stages``). The predictions and exits must equal the simulated ones computed from the
+driven through its staged forward (``bench.backbones.vit.stages``). The predictions and exits must equal the simulated ones computed from the
 feature cache: exactly on CPU in float32 (tested), within a stated tolerance on CUDA.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bench.backbone import stages, to_tensor
-from bench.interface import ExitMethod, OperatingPoint
+from bench.backbones.vit import stages, to_tensor
+from bench.core.interface import ExitMethod, OperatingPoint
 
 
 @dataclass

@@ -8,7 +8,7 @@ is XPASS (reported: the declaration is stale). ``python -m bench check METHOD`` 
 tests parametrise every check over the whole registry.
 
 Checks run over a sweep of budgets ``BUDGETS`` plus the method's native points, on ``default_task()`` (a
-harder ``synthetic_task``) by default, and decide exactly as the harness does (``bench.evaluate``):
+harder ``synthetic_task``) by default, and decide exactly as the harness does (``bench.pipeline.evaluate``):
 ``exit_logits(split, point)``, then ``decide(logits, point, targets)`` with targets only for a bound. A method
 fitted once (by the contract check, or by ``_fitted``) is shared by the checks that only read it; the checks
 about fitting itself (label peeking, determinism) make their own fits (determinism on a task copy with a new
@@ -26,10 +26,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from bench.errors import UserError
-from bench.interface import (METHODS, ExitMethod, OperatingPoint, create_method,
+from bench.base.errors import UserError
+from bench.core.interface import (METHODS, ExitMethod, OperatingPoint, create_method,
                              stream_decide)
-from bench.task import SplitData, Task, synthetic_task
+from bench.core.task import SplitData, Task, synthetic_task
 
 # dense at the low end, where the cheapest operating points (and the oracle's binding budgets) live
 BUDGETS: tuple[float, ...] = (0.25, 0.3, 0.35, 0.4, 0.45, 0.55, 0.65, 0.75, 0.85, 1.0)
@@ -130,7 +130,7 @@ def clear_cache() -> None:
 
 
 def _targets(method: ExitMethod, split: SplitData) -> np.ndarray | None:
-    return split.labels if method.bound else None  # as bench.evaluate: only a bound is given labels
+    return split.labels if method.bound else None  # as bench.pipeline.evaluate: only a bound is given labels
 
 
 def _sweep(f: _Fitted) -> list[tuple[str, OperatingPoint]]:
@@ -393,7 +393,7 @@ def check_streaming(method_factory: MethodFactory, task: Task) -> None:
 
 
 def check_runner_equivalence(method_factory: MethodFactory, task: Task) -> None:
-    """The real runner's path without the backbone (``bench.runner``): after each exit k, ``stream_head`` on the
+    """The real runner's path without the backbone (``bench.pipeline.runner``): after each exit k, ``stream_head`` on the
     survivors' exit-k features, then (k < K-1) ``exit_now``, then compaction. Its logits equal
     ``exit_logits``'s (to 1e-5) at every exit, the last included, and its exits equal ``decide``'s, at every
     point of the sweep."""
@@ -537,6 +537,6 @@ def _run_one(check: Callable[[MethodFactory, Task], None], factory: MethodFactor
 def _check_by_name(name: str) -> Callable[[MethodFactory, Task], None]:
     by_name = {c.__name__: c for c in CHECKS}
     if name not in by_name:
-        from bench.registry import unknown_name_message
+        from bench.base.registry import unknown_name_message
         raise UserError(unknown_name_message("check", name, sorted(by_name)))
     return by_name[name]

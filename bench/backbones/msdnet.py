@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import UserError
+from bench.base.errors import UserError
 
 
 @dataclass
@@ -349,7 +349,7 @@ class MSDNetExitMacs:
 def msdnet_macs(model: MSDNet) -> MSDNetExitMacs:
     """Count each part with fvcore on a batch of one at the model's input size; every scale map is returned
     from the traced functions, so none is dropped as unused."""
-    from bench.flops import fvcore_macs
+    from bench.measure.flops import fvcore_macs
 
     cfg = model.cfg
     x = torch.zeros(1, model.stem.convs[0][0].in_channels, cfg.img_size, cfg.img_size)
@@ -380,7 +380,7 @@ class _BlockCall(nn.Module):
 def predict_exit_logits(model: MSDNet, x_uint8: np.ndarray, cfg: MSDNetConfig, device: str = "cpu"
                         ) -> torch.Tensor:
     """Every exit's own logits [K, N, C] (BoostedNet's ensemble not applied)."""
-    from bench.backbone import to_tensor
+    from bench.backbones.vit import to_tensor
 
     model.eval()
     out = []
@@ -395,8 +395,8 @@ def train_msdnet(cfg: MSDNetConfig, train_x: np.ndarray, train_y: np.ndarray, va
                  ) -> tuple[MSDNet, float, int, list[dict]]:
     """Train end to end (the sum of per-exit CE, or BoostedNet's boosted losses with gradient rescaling);
     keep the epoch with the best validation accuracy at the last exit (the ensemble's for BoostedNet).
-    Returns (model, val_accuracy, best_epoch, history), like ``bench.backbone.train_backbone``."""
-    from bench.backbone import fit_epochs
+    Returns (model, val_accuracy, best_epoch, history), like ``bench.backbones.vit.train_backbone``."""
+    from bench.backbones.vit import fit_epochs
 
     torch.manual_seed(seed)
     model = create_msdnet(cfg, train_x.shape[-1], num_classes).to(device)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.hashing import atomic_write_text
+from bench.base.hashing import atomic_write_text
 
 log = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "val", "cal", "test")

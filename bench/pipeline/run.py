@@ -18,19 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.backbone import (BackboneConfig, create_backbone, default_config, exit_head_params, head_params,
+from bench.backbones.vit import (BackboneConfig, create_backbone, default_config, exit_head_params, head_params,
                             load_or_train_backbone)
-from bench.errors import UserError
-from bench.evaluate import evaluate_method, metric_row, static_backbone_rows
-from bench.features import load_or_compute_features
-from bench.flops import ViTMacs, analytic_vit_macs, fvcore_vit_macs
-from bench.msdnet import MSDNet, MSDNetConfig, default_msdnet_config, msdnet_macs
-from bench.hashing import atomic_write_text, config_hash
-from bench.interface import METHODS, create_method
-from bench.results import decisions_frame, metrics_frame, provenance, write_csv, write_json
-from bench.splits import load_or_make_splits
-from bench.summary import summary_table
-from bench.task import SplitData, Task
+from bench.base.errors import UserError
+from bench.pipeline.evaluate import evaluate_method, metric_row, static_backbone_rows
+from bench.pipeline.features import load_or_compute_features
+from bench.measure.flops import ViTMacs, analytic_vit_macs, fvcore_vit_macs
+from bench.backbones.msdnet import MSDNet, MSDNetConfig, default_msdnet_config, msdnet_macs
+from bench.base.hashing import atomic_write_text, config_hash
+from bench.core.interface import METHODS, create_method
+from bench.results.files import decisions_frame, metrics_frame, provenance, write_csv, write_json
+from bench.pipeline.splits import load_or_make_splits
+from bench.results.summary import summary_table
+from bench.core.task import SplitData, Task
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
 # The networks a job can run on: the run's timm ViT (frozen; methods train heads on its cached features), MSDNet
@@ -161,7 +161,7 @@ def validate(cfg: RunConfig) -> None:
     """Check every user input before any expensive work starts."""
     import methods  # noqa: F401  (registers the methods)
     from datasets import list_datasets
-    from bench.registry import unknown_name_message
+    from bench.base.registry import unknown_name_message
 
     if not cfg.methods:
         raise UserError("No methods given: pass --methods, e.g. --methods threshold,entropy.")
@@ -186,7 +186,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--device cuda was asked for but torch sees no CUDA device here; use --device cpu.")
     if any(seed < 0 for seed in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):
         raise UserError(f"--seeds {','.join(map(str, cfg.seeds))}: give distinct non-negative integers, e.g. 0,1,2.")
-    from bench.executors import EXECUTORS
+    from bench.pipeline.executors import EXECUTORS
 
     if cfg.executor not in EXECUTORS:
         raise UserError(f"--executor {cfg.executor!r}: use one of {', '.join(EXECUTORS)}.")
@@ -267,7 +267,7 @@ def describe_backbone(c: "BackboneConfig | MSDNetConfig") -> str:
 
 def count_macs(model) -> ViTMacs:
     """Per-block MACs from fvcore (attention included), checked against the analytic count (the arbiter).
-    MSDNet: fvcore on every part (bench.msdnet.msdnet_macs), each classifier's convs as its exit's feature."""
+    MSDNet: fvcore on every part (bench.backbones.msdnet.msdnet_macs), each classifier's convs as its exit's feature."""
     if isinstance(model, MSDNet):
         m = msdnet_macs(model)
         return ViTMacs(embed=m.stem, blocks=m.blocks, head=m.classifier_features[-1] + m.classifier_linear[-1],
@@ -279,9 +279,9 @@ def count_macs(model) -> ViTMacs:
 
 
 def timing_rows(method, task: Task, points, cfg: RunConfig, backbone, dataset) -> list[dict]:
-    """Wall-clock of the real early-exit runner on test images per budget (see bench.runner), with the
+    """Wall-clock of the real early-exit runner on test images per budget (see bench.pipeline.runner), with the
     static backbone timed on the same device, batch and inputs as the denominator."""
-    from bench.runner import timing_metrics
+    from bench.pipeline.runner import timing_metrics
 
     rows = []
     device = (torch.cuda.get_device_name(0) if cfg.device.startswith("cuda")
@@ -361,7 +361,7 @@ def execute(cfg: RunConfig, log=print) -> Path:
     (splits, backbones, features) are built first, in this process, seed by seed; then the jobs run on the
     chosen executor and each writes its result file atomically under ``OUT/jobs/``; the tables are assembled
     from those files. Rerunning the same command with the same ``--out`` skips finished jobs."""
-    from bench.executors import run_jobs
+    from bench.pipeline.executors import run_jobs
 
     validate(cfg)
     from datasets import load_dataset

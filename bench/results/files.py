@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.hashing import atomic_write, atomic_write_text
+from bench.base.hashing import atomic_write, atomic_write_text
 
 METRIC_COLUMNS = ["run_id", "dataset", "split", "seed", "backbone", "method", "params", "budget", "metric",
                   "value", "n", "exit", "split_sha256"]

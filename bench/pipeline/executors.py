@@ -18,8 +18,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from bench.errors import UserError
-from bench.hashing import atomic_write
+from bench.base.errors import UserError
+from bench.base.hashing import atomic_write
 
 log_ = logging.getLogger(__name__)
 EXECUTORS = ("sequential", "local", "dask")
@@ -62,9 +62,9 @@ def save_finished(path: Path, run_id: str, job: Job, result: dict) -> None:
 def run_jobs(cfg, jobs: list[Job], jobs_dir: Path, log: Callable = print,
              job_fn: Callable | None = None) -> dict[Job, dict]:
     """Results of every job, from ``jobs_dir`` when finished earlier, else by running ``job_fn(cfg, seed,
-    name)`` (default ``bench.run.run_job``) on ``cfg.executor``."""
+    name)`` (default ``bench.pipeline.run.run_job``) on ``cfg.executor``."""
     if job_fn is None:
-        from bench.run import run_job as job_fn
+        from bench.pipeline.run import run_job as job_fn
     results: dict[Job, dict] = {}
     for job in jobs:
         r = load_finished(job_path(jobs_dir, job), cfg.run_id)

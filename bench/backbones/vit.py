@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bench.errors import UserError
-from bench.hashing import atomic_write, config_hash
+from bench.base.errors import UserError
+from bench.base.hashing import atomic_write, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def head_logits(model, feat: torch.Tensor) -> torch.Tensor:
 
 
 class ViTStages:
-    """The staged-forward protocol over a timm ViT; ``bench.msdnet.MSDNet`` implements the same methods itself.
+    """The staged-forward protocol over a timm ViT; ``bench.backbones.msdnet.MSDNet`` implements the same methods itself.
     ``embed(x) -> h``, ``block(k, h) -> h``, ``exit_feature(k, h) -> [N, D]``, ``select(h, keep) -> h`` (the
     survivors' rows), ``static_forward(x) -> [N, C]`` (the static network, the timing denominator), and
     ``exit_logits(K-1, feat)`` (the network's own last head)."""
@@ -217,7 +217,7 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Ten
 @dataclass
 class TrainedBackbone:
     model: torch.nn.Module  # eval mode, frozen
-    config: "BackboneConfig | MSDNetConfig"  # bench.msdnet.MSDNetConfig for MSDNet
+    config: "BackboneConfig | MSDNetConfig"  # bench.backbones.msdnet.MSDNetConfig for MSDNet
     key: str  # cache key: hash of everything that produced the weights
     val_accuracy: float
     best_epoch: int
@@ -309,7 +309,7 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
 
 def _builders(cfg):
     """(create, train) functions for a backbone configuration: timm ViT or MSDNet."""
-    from bench.msdnet import MSDNetConfig, create_msdnet, train_msdnet
+    from bench.backbones.msdnet import MSDNetConfig, create_msdnet, train_msdnet
 
     return (create_msdnet, train_msdnet) if isinstance(cfg, MSDNetConfig) else (create_backbone, train_backbone)
 

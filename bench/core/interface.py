@@ -28,10 +28,10 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from bench.calibration import calibrate_thresholds, first_exit
-from bench.errors import UserError
-from bench.registry import Registry
-from bench.task import SplitData, Task
+from bench.measure.calibration import calibrate_thresholds, first_exit
+from bench.base.errors import UserError
+from bench.base.registry import Registry
+from bench.core.task import SplitData, Task
 
 METHODS: Registry[type["ExitMethod"]] = Registry("method")
 
@@ -66,7 +66,7 @@ class ExitMethod:
 
     @classmethod
     def backbone_for(cls, run_backbone: str) -> str:
-        """The network this method's jobs run on, given the run's (``vit`` or ``msdnet``; bench.run.BACKBONE_KINDS).
+        """The network this method's jobs run on, given the run's (``vit`` or ``msdnet``; bench.pipeline.run.BACKBONE_KINDS).
         Most methods take the run's; a method that brings its own network (``msdnet``) names it."""
         return run_backbone
 
@@ -146,13 +146,13 @@ def create_method(name: str, overrides: dict[str, Any] | None = None) -> ExitMet
 class ScoreExitMethod(ExitMethod):
     """A rule "leave at the first exit whose score reaches its exit's threshold", with the harness's budget
     calibration (``scheme``: ``shared``, one threshold for every exit, or ``geometric``, MSDNet's per-exit
-    thresholds from target exit shares proportional to r^k; bench.calibration). Subclasses define ``score``
+    thresholds from target exit shares proportional to r^k; bench.measure.calibration). Subclasses define ``score``
     (higher = more confident) and how the per-exit logits are made."""
 
     scheme: str = "shared"
 
     def __post_init__(self):
-        from bench.calibration import SCHEMES
+        from bench.measure.calibration import SCHEMES
 
         if self.scheme not in SCHEMES:
             raise UserError(f"--set {self.name}.scheme={self.scheme}: the calibration scheme must be one of "

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench.backbone import TrainedBackbone, block_features, to_tensor
-from bench.hashing import atomic_write, atomic_write_text, file_sha256
+from bench.backbones.vit import TrainedBackbone, block_features, to_tensor
+from bench.base.hashing import atomic_write, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
