@@ -1,5 +1,7 @@
 # The two commands of the README: `make demo` (set up, run the main job on the embedded digits data) and
-# `make test` (set up if needed, run the test suite). Setup is a virtualenv in .venv from pinned requirements.
+# `make test` (set up if needed, run the test suite). Setup is a virtualenv in .venv from pinned requirements,
+# then this project installed in editable mode (pyproject.toml: no dependencies of its own), so `bench` imports
+# from any directory (Dask workers started elsewhere) and .venv/bin/bench exists.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -8,9 +10,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir -r requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+		--no-build-isolation -e .
 	touch $(STAMP)
 
 demo: setup

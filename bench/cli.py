@@ -6,12 +6,21 @@ traceback. ``--debug`` shows the traceback anyway.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from typing import Any, Sequence
 
+import methods  # noqa: F401  (registers the methods)
+from bench.backbones.base import BACKBONES
 from bench.base.errors import UserError
+from bench.core import conformance
+from bench.core.interface import METHODS
+from bench.pipeline.config import DEFAULT_BUDGETS, RunConfig
+from bench.pipeline.run import execute
+from bench.results.report import build_page, build_report
+from datasets import list_datasets
 
 
 def _csv_list(kind: str, convert):
@@ -35,8 +44,8 @@ def parse_set(items: Sequence[str]) -> dict[str, dict[str, Any]]:
         key, sep, raw = item.partition("=")
         target, dot, name = key.partition(".")
         if not sep or not dot or not target or not name:
-            raise UserError(f"--set {item!r} is malformed: write --set METHOD.FIELD=VALUE (or backbone.FIELD=VALUE), "
-                            "e.g. --set threshold.epochs=10.")
+            raise UserError(f"--set {item!r} is malformed: write --set METHOD.FIELD=VALUE, backbone.FIELD=VALUE or "
+                            "backbone.NETWORK.FIELD=VALUE, e.g. --set threshold.epochs=10.")
         try:
             value = json.loads(raw)
         except ValueError:
@@ -55,12 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated methods (default: threshold,entropy)")
     r.add_argument("--dataset", default="digits", help="dataset name (default: digits, embedded)")
     r.add_argument("--backbone", default=None,
-                   help="timm ViT name, or msdnet (default: the dataset's small ViT)")
+                   help="a registered backbone (vit, msdnet; `bench ls`) or a timm ViT name (default: vit, the "
+                        "dataset's small ViT)")
     r.add_argument("--seeds", type=_csv_list("integers", int), default=[0], help="e.g. 0,1,2 (default: 0)")
     r.add_argument("--budgets", type=_csv_list("numbers", float), default=None,
                    help="target macs_rel values in (0, 1] (default: 0.25,0.5,0.75,1.0)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.FIELD=VALUE",
-                   help="override a hyper-parameter of a method or of the backbone (repeatable)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="TARGET.FIELD=VALUE",
+                   help="override a field of a method (METHOD.FIELD), of the run's backbone (backbone.FIELD) or of "
+                        "another network of the run (backbone.NAME.FIELD); repeatable")
     r.add_argument("--out", default=None, help="output directory (default: results/runs/<run_id>/)")
     r.add_argument("--data-dir", default=None, help="directory holding the dataset's official files")
     r.add_argument("--cache-dir", default=None, help="splits/backbones/features cache (default: ~/.cache/bench)")
@@ -84,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="aggregate runs over seeds: tables (md, tex), paired comparisons, figures")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each holds metrics.csv)")
     rep.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report/ of the first run)")
+    rep.add_argument("--page", default=None, metavar="PATH",
+                     help="(re)write a markdown results page instead (e.g. results/README.md): per run its command, "
+                          "machine, table and figures (saved in PATH's folder under figures/); with --out, both")
     rep.add_argument("--split", default="test", help="split to report (default: test)")
     rep.add_argument("--budget", type=float, default=None,
                      help="budget of the exit-distribution figure (default: the middle budget)")
@@ -91,54 +105,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from bench.pipeline.run import DEFAULT_BUDGETS, RunConfig, execute
-
     cfg = RunConfig(methods=args.methods, dataset=args.dataset, backbone=args.backbone, seeds=args.seeds,
                     budgets=args.budgets or list(DEFAULT_BUDGETS), overrides=parse_set(args.overrides),
                     pretrained=args.pretrained, device=args.device, threads=args.threads,
                     data_dir=args.data_dir, cache_dir=args.cache_dir, out=args.out, download=args.download,
                     timing=args.timing, timing_batch=args.timing_batch, executor=args.executor,
-                    workers=args.workers, scheduler=args.scheduler, retries=args.retries)
+                    workers=args.workers, scheduler=args.scheduler, retries=args.retries, argv=args.argv)
     execute(cfg)
     return 0
 
 
 def cmd_ls(args) -> int:
-    import methods  # noqa: F401
-    from bench.backbones.vit import DATASET_DEFAULTS
-    from bench.core.interface import METHODS
-    from datasets import list_datasets
-
     print("methods:")
     for name in METHODS.names():
         doc = (sys.modules[METHODS.get(name).__module__].__doc__ or "").strip().splitlines()
         print(f"  {name:12s} {doc[0] if doc else ''}")
+    vit = BACKBONES.get("vit")
     print("datasets:")
     for name in list_datasets():
-        c = DATASET_DEFAULTS.get(name)
-        extra = (f"default backbone: ViT img {c.img_size}, patch {c.patch_size}, width {c.embed_dim}, "
-                 f"depth {c.depth}") if c else ""
-        print(f"  {name:14s} {extra}")
-    print("backbones: any timm Vision Transformer (`--backbone vit_small_patch16_224`, ...); architecture fields "
-          "are set with --set backbone.FIELD=VALUE (img_size, patch_size, embed_dim, depth, num_heads, epochs, ...)")
-    print("           msdnet (`--backbone msdnet`): MSDNet's own multi-exit network; every method then runs on its "
-          "exits (boostednet on MSDNet trained as BoostedNet); fields with --set backbone.FIELD or msdnet.FIELD "
-          "(n_blocks, step_mode, step, base, channels, growth_rate, epochs, ...)")
+        print(f"  {name:14s} default backbone: {vit.label(vit.default_config(name))}")
+    print("backbones (--backbone NAME; fields with --set backbone.FIELD=VALUE):")
+    for name in BACKBONES.names():
+        plugin = BACKBONES.get(name)
+        doc = (plugin.__doc__ or "").strip().splitlines()
+        print(f"  {name:15s} {doc[0] if doc else ''}")
+        print(f"  {'':15s} fields: {', '.join(f.name for f in dataclasses.fields(plugin.Config))}")
+    print("  (a timm ViT/DeiT name, e.g. --backbone vit_small_patch16_224, selects the vit backbone with that model)")
     return 0
 
 
 def cmd_check(args) -> int:
-    import methods  # noqa: F401
-    from bench.core.conformance import default_task, run_checks
-    from bench.core.interface import METHODS
-
     names = METHODS.names() if "all" in args.methods else list(dict.fromkeys(args.methods))
     for name in names:
         METHODS.get(name)  # unknown names fail before any work, with "did you mean"
-    task = default_task()
+    task = conformance.default_task()
     bad = 0
     for name in names:
-        results = run_checks(name, task)
+        results = conformance.run_checks(name, task)
         print(f"== {name}: {sum(r.seconds for r in results):.1f} s", flush=True)
         for r in results:
             print(f"{r.status:<5}  {r.name:<24}  {r.message}".rstrip(), flush=True)
@@ -147,16 +150,19 @@ def cmd_check(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from bench.results.report import build_report
-
-    report = build_report(args.run_dirs, out=args.out, split=args.split, budget=args.budget)
-    print(report.markdown)
-    print(f"wrote {len(report.files)} files to {report.out}")
+    if args.page is None or args.out is not None:
+        report = build_report(args.run_dirs, out=args.out, split=args.split, budget=args.budget)
+        print(report.markdown)
+        print(f"wrote {len(report.files)} files to {report.out}")
+    if args.page is not None:
+        written = build_page(args.run_dirs, args.page, split=args.split, budget=args.budget)
+        print(f"wrote {args.page} and {len(written) - 1} figure(s)")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv) if argv is None else ["python -m bench", *argv]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return {"run": cmd_run, "ls": cmd_ls, "check": cmd_check, "report": cmd_report}[args.command](args)
@@ -169,3 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: finished jobs are kept (OUT/jobs/) and earlier results are intact; rerun the same "
               "command to resume", file=sys.stderr)
         return 130
+
+
+def main_entry() -> None:
+    """The ``bench`` console script."""
+    sys.exit(main())

@@ -9,13 +9,12 @@ asks for the same hyper-parameters) get identical heads: results are memoised pe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bench.base.fields import bounded
 from bench.core.interface import ScoreExitMethod
 from bench.core.task import SplitData, Task
 
@@ -97,8 +96,6 @@ class OnSharedHeads:
     ``_fit_heads`` sets ``heads_`` and the costs: each intermediate exit adds its head (D*C MACs), the
     decision (``decision_macs``) and, on MSDNet, its classifier's convs (``Task.exit_costs``)."""
 
-    logits_depend_on_point: ClassVar[bool] = False  # one set of heads serves every threshold
-
     def _fit_heads(self, task: Task, cfg: HeadConfig) -> None:
         self.heads_ = shared_heads(task, cfg)
         self.head_weight_, self.head_bias_ = task.head_weight, task.head_bias
@@ -123,10 +120,10 @@ class OnSharedHeads:
 class CrossEntropyHeadsMethod(OnSharedHeads, ScoreExitMethod):
     """Base of the score-based methods on the shared cross-entropy heads (threshold, entropy, ...)."""
 
-    epochs: int = HeadConfig.epochs
-    lr: float = HeadConfig.lr
-    weight_decay: float = HeadConfig.weight_decay
-    batch_size: int = HeadConfig.batch_size
+    epochs: int = bounded(HeadConfig.epochs, min=1)
+    lr: float = bounded(HeadConfig.lr, min=0.0)
+    weight_decay: float = bounded(HeadConfig.weight_decay, min=0.0)
+    batch_size: int = bounded(HeadConfig.batch_size, min=1)
 
     def fit(self, task: Task) -> "CrossEntropyHeadsMethod":
         self._fit_heads(task, HeadConfig(self.epochs, self.lr, self.weight_decay, self.batch_size))

@@ -9,11 +9,12 @@ Method card
     cached features, the last exit included, trained in order, head k on the residual of the detached ensemble
     of the heads before it, each keeping the epoch with the best validation accuracy of F_k (AdamW, cosine,
     the shared heads' hyper-parameters). No trunk is trained, so there is no gradient to rescale.
-  - ``--backbone msdnet`` (the paper's setting): MSDNet trained as BoostedNet (``bench.backbones.msdnet``,
-    ``training="boosted"``): boosted losses and the paper's gradient rescaling (the coarsest-scale map scaled by
+  - ``--backbone msdnet`` (the paper's setting): MSDNet trained as BoostedNet (the ``msdnet-boosted`` backbone,
+    registered here): boosted losses and the paper's gradient rescaling (the coarsest-scale map scaled by
     1/(K-k) before head k and by K-k-1 on its way on, so block k gets the mean gradient of the K-k heads that
     depend on it). The method combines that network's own heads; ``--set boostednet.boost_weight`` sets the weight
-    for both the network's training and the method.
+    for both the network's training and the method (a method field that is also a field of the network it
+    brings configures both).
 - Exit rule: max softmax of the ensemble F_k, with MSDNet's budget protocol (``scheme=geometric``, as the
   paper's evaluation); ``--set boostednet.scheme=shared`` for the shared threshold.
 - Cost: each exit on the way adds its head (D*C), the ensemble update (C) and the decision (2C); on MSDNet also
@@ -22,17 +23,86 @@ Method card
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bench.backbones.base import register_backbone
+from bench.backbones.msdnet import MSDNet, MSDNetBackbone, MSDNetConfig
+from bench.base.fields import bounded, choice
 from bench.core.interface import ScoreExitMethod, register_method
-from bench.backbones.msdnet import boosted_ensemble
 from bench.core.task import SplitData, Task
+from bench.measure.calibration import SCHEMES
 from methods._heads import HeadConfig
+
+
+def boosted_ensemble(logits: list[torch.Tensor] | torch.Tensor, weight: float, detach: bool = False
+                     ) -> list[torch.Tensor]:
+    """BoostedNet's exit predictions F_0 = f_0, F_i = f_i + weight * F_{i-1} (F_{i-1} detached in training)."""
+    out: list[torch.Tensor] = []
+    for k in range(len(logits)):
+        if k == 0:
+            out.append(logits[0])
+        else:
+            prev = out[-1].detach() if detach else out[-1]
+            out.append(logits[k] + weight * prev)
+    return out
+
+
+# ---- the network side: MSDNet trained as BoostedNet -------------------------------------------------------------
+class GradRescale(torch.autograd.Function):
+    """Identity forward; the backward pass multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def rescaled_exit_logits(model: MSDNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every exit's own logits f_k, with BoostedNet's gradient rescaling: the coarsest-scale map is scaled by
+    1 / (K - k) in the backward pass before classifier k and by K - k - 1 on its way to later blocks, so block k
+    receives the mean gradient of the K - k heads that depend on it."""
+    xs, out, k_all = model.embed(x), [], model.num_exits
+    for k in range(k_all):
+        xs = model.block(k, xs)
+        xs = [*xs[:-1], GradRescale.apply(xs[-1], 1.0 / (k_all - k))]
+        out.append(model.exit_logits(k, model.exit_feature(k, xs)))
+        xs = [*xs[:-1], GradRescale.apply(xs[-1], float(k_all - k - 1))]
+    return out
+
+
+@dataclass
+class BoostedMSDNetConfig(MSDNetConfig):
+    boost_weight: float = bounded(0.5, min=0.0)  # F_i = f_i + boost_weight * stopgrad(F_{i-1})
+
+
+@register_backbone("msdnet-boosted")
+class BoostedMSDNet(MSDNetBackbone):
+    """MSDNet trained as BoostedNet (Yu et al., AAAI 2023): exit i predicts F_i = f_i + w stopgrad(F_{i-1}) and
+    its loss is CE(F_i), with gradient rescaling; the epoch kept is the one whose last ensemble F_{K-1} is best on
+    validation. Its architecture and cost are MSDNet's."""
+
+    Config = BoostedMSDNetConfig
+    static_rows = False  # architecture and cost are MSDNet's; its static form is not a network of its own
+    defaults = {name: BoostedMSDNetConfig(**dataclasses.asdict(cfg)) for name, cfg in MSDNetBackbone.defaults.items()}
+
+    @classmethod
+    def exit_outputs(cls, cfg, model, xb):
+        return boosted_ensemble(rescaled_exit_logits(model, xb), cfg.boost_weight, detach=True)
+
+    @classmethod
+    def prediction(cls, cfg, exit_logits):
+        return boosted_ensemble(exit_logits, cfg.boost_weight)[-1]
 
 
 def train_boosted_heads(train: SplitData, val: SplitData, num_classes: int, seed: int, cfg: HeadConfig,
@@ -80,21 +150,17 @@ def train_boosted_heads(train: SplitData, val: SplitData, num_classes: int, seed
 @register_method("boostednet")
 @dataclass
 class BoostedNet(ScoreExitMethod):
-    logits_depend_on_point = False  # one set of heads serves every threshold
+    networks: ClassVar[dict[str, str]] = {"msdnet": "msdnet-boosted"}  # on MSDNet runs: its boosted training
 
-    scheme: str = "geometric"
-    boost_weight: float = 0.5
-    epochs: int = HeadConfig.epochs
-    lr: float = HeadConfig.lr
-    weight_decay: float = HeadConfig.weight_decay
-    batch_size: int = HeadConfig.batch_size
-
-    @classmethod
-    def backbone_for(cls, run_backbone: str) -> str:
-        return "msdnet-boosted" if run_backbone == "msdnet" else run_backbone
+    scheme: str = choice("geometric", SCHEMES)
+    boost_weight: float = bounded(0.5, min=0.0)
+    epochs: int = bounded(HeadConfig.epochs, min=1)
+    lr: float = bounded(HeadConfig.lr, min=0.0)
+    weight_decay: float = bounded(HeadConfig.weight_decay, min=0.0)
+    batch_size: int = bounded(HeadConfig.batch_size, min=1)
 
     def fit(self, task: Task) -> "BoostedNet":
-        if task.backbone == "msdnet-boosted":  # the network's own heads, trained as BoostedNet with it
+        if task.exit_heads is not None:  # a multi-exit network's own heads (on MSDNet runs: trained as BoostedNet)
             self.weight_, self.bias_ = task.exit_heads
             self.val_accuracy_ = None
         else:
@@ -120,17 +186,13 @@ class BoostedNet(ScoreExitMethod):
             f = [self._head(k, split.features[k]) for k in range(len(self.costs_))]
             return torch.stack(boosted_ensemble(f, self.boost_weight))
 
-    def stream_head(self, k: int, features_k: torch.Tensor, point, state: dict | None):
+    def stream(self, k: int, features_k: torch.Tensor, point, state: dict | None):
         """F_k on the survivors; F_{k-1} of each running sample travels in ``state["ensemble"]``."""
         with torch.no_grad():
             logits = self._head(k, features_k)
             if k > 0:
                 logits = logits + self.boost_weight * torch.from_numpy(np.asarray(state["ensemble"]))
-        return logits, {**(state or {}), "ensemble": logits.numpy()}
-
-    def exit_head(self, k: int, features_k: torch.Tensor, point=None) -> torch.Tensor:
-        raise NotImplementedError("boostednet's exit-k prediction needs the earlier exits' ensemble: use "
-                                  "stream_head(k, features_k, point, state)")
+        return logits, self.scores(logits) >= self._threshold(point, k), {**(state or {}), "ensemble": logits.numpy()}
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=-1).amax(dim=-1)

@@ -9,7 +9,7 @@ Method card
     softmax p: p_max, entropy H(p), margin p(1) - p(2), and H(softmax(2z)) (``gate_features``).
 - Exit probabilities (Eq. 8 as coded): ``P_l = max(0, min(g_l, 1 - sum_{k<l} g_k))`` for l < K-1, the rest of
   the mass to the last exit (``exit_probabilities``). Inference is deterministic: leave at the first l with
-  ``g_l >= 0.5 * (1 - sum_{k<l} g_k)``, else at the last exit (``inference_exits``; streamed by ``exit_now``,
+  ``g_l >= 0.5 * (1 - sum_{k<l} g_k)``, else at the last exit (``inference_exits``; streamed by ``stream``,
   whose state carries each surviving sample's running sum of g under ``"cum_g"``). Gates are evaluated in
   float64 as an explicit weighted sum, so batched ``decide`` and per-exit streaming agree bit for bit.
 - Training, all on cached features and vectorised over exits *and* over the lambda grid (each lambda is an
@@ -53,9 +53,9 @@ Method card
   phases are skipped (same schedule, so the gates get the same number of updates), only gates are trained.
 - Cost: each intermediate exit adds its IM (D*C MACs) and its gate, counted as 9C + 6 operations (the softmax of
   z and of 2z with their entropies, the top-2 margin and max, then Linear(4, 1) and the sigmoid).
-- Operating points: one per lambda (default grid 0.01 ... 5), ``params = {"lambda": lam}``; a budget takes the
-  lambda with the largest validation ``macs_rel`` <= budget (``bench.measure.calibration.select_budget``), None if none
-  fits. There is no threshold at test time. ``exit_logits(split, point)`` uses that lambda's IMs; with
+- Operating points: one per lambda (default grid 0.01 ... 5), ``params = {"lambda": lam}``; the harness gives a
+  budget the lambda with the largest validation ``macs_rel`` <= budget (``bench.core.interface.resolve_points``),
+  infeasible if none fits. There is no threshold at test time. ``exit_logits(split, point)`` uses that lambda's IMs; with
   ``point=None`` the warm-up IMs (the per-head accuracy rows).
 - Behaviour worth knowing: with class-balanced gate targets and the 0.5 rule, a gate whose four statistics say
   little about the oracle sits near g = 0.5 (or above, for later gates, whose positives are under-counted) and
@@ -68,21 +68,19 @@ Method card
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
-
+from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bench.measure.calibration import select_budget
 from bench.base.errors import UserError
+from bench.base.fields import bounded, choice
 from bench.core.interface import ExitMethod, OperatingPoint, register_method
 from bench.core.task import SplitData, Task
 
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 2.0, 5.0)
-STATE_KEY = "cum_g"  # exit_now's per-sample running sum of g
+STATE_KEY = "cum_g"  # stream's per-sample running sum of g
 
 
 class JEIDNNConfigError(UserError, ValueError):
@@ -136,7 +134,7 @@ def exit_probabilities(g):
 
 def inference_exits(g) -> np.ndarray:
     """Exit index [N] (int64) from gate outputs g [K-1, N]: the first l with ``g_l >= 0.5 * (1 - sum_{k<l} g_k)``,
-    else K-1. Computed exit by exit in float64, exactly as ``JEIDNN.exit_now`` streams it."""
+    else K-1. Computed exit by exit in float64, exactly as ``JEIDNN.stream`` streams it."""
     g = np.asarray(g, dtype=np.float64)
     n = g.shape[1]
     exits = np.full(n, g.shape[0], dtype=np.int64)
@@ -252,20 +250,24 @@ def _cosine(opt: torch.optim.Optimizer, steps: int, lr_min: float):
 @register_method("jeidnn")
 @dataclass
 class JEIDNN(ExitMethod):
-    lambdas: Sequence[float] = field(default_factory=lambda: list(DEFAULT_LAMBDAS))
-    epochs: int = 15
-    warmup_epochs: int = 6
-    alternate_every: int = 200
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_min: float = 2e-4
-    batch_size: int = 64
-    im_loss: str = "detached"
+    lambdas: list[float] = bounded(default_factory=lambda: list(DEFAULT_LAMBDAS), min=0.0, nonempty=True)
+    epochs: int = bounded(15, min=0)
+    warmup_epochs: int = bounded(6, min=0)
+    alternate_every: int = bounded(200, min=1)
+    lr: float = bounded(0.01, min=0.0)
+    momentum: float = bounded(0.9, min=0.0)
+    weight_decay: float = bounded(5e-4, min=0.0)
+    lr_min: float = bounded(2e-4, min=0.0)
+    batch_size: int = bounded(64, min=1)
+    im_loss: str = choice("detached", ("detached", "official"))
     share_heads: bool = False
-    warmup_patience: int = 2
-    pos_weight_cap: float = 5.0
-    pos_weight_counts: str = "exact"  # "exact" (reference) or "cumulative" (official account_subsequent)
+    warmup_patience: int = bounded(2, min=0)
+    pos_weight_cap: float = bounded(5.0, min=0.0)
+    # "exact" (reference) or "cumulative" (official account_subsequent)
+    pos_weight_counts: str = choice("exact", ("exact", "cumulative"))
+
+    def __post_init__(self):
+        self._validate()  # refused when the method is created from --set, before any data is read
 
     # -- fit -------------------------------------------------------------------------------------------------
     def _validate(self) -> tuple[float, ...]:
@@ -472,27 +474,19 @@ class JEIDNN(ExitMethod):
                ) -> np.ndarray:
         return inference_exits(self.gate_outputs(logits, point))
 
-    def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint, state: dict | None
-                 ) -> tuple[np.ndarray, dict]:
+    def stream(self, k: int, features_k: torch.Tensor, point: OperatingPoint, state: dict | None
+               ) -> tuple[torch.Tensor, np.ndarray, dict]:
         self.check_fitted()
         j = self._lambda_index(point)
-        g = _gate_probs(logits_k, self.gate_w_[j, k].double().numpy(), float(self.gate_b_[j, k]))
+        logits = self.exit_head(k, features_k, point)
+        if k == len(self.costs_) - 1:  # the last exit has no gate: everyone left leaves
+            return logits, np.ones(len(logits), dtype=bool), dict(state or {})
+        g = _gate_probs(logits, self.gate_w_[j, k].double().numpy(), float(self.gate_b_[j, k]))
         cum = np.zeros(len(g)) if state is None else np.asarray(state[STATE_KEY], dtype=np.float64)
-        return g >= 0.5 * (1 - cum), {STATE_KEY: cum + g}
+        return logits, g >= 0.5 * (1 - cum), {STATE_KEY: cum + g}
 
     # -- operating points ------------------------------------------------------------------------------------
-    def native_points(self, task: Task) -> list[OperatingPoint]:
-        """One point per lambda, with the validation macs_rel of its inference-rule exits."""
+    def operating_points(self, task: Task, budgets) -> list[OperatingPoint]:
+        """One point per lambda; the harness measures each one's validation cost and picks per budget."""
         self.check_fitted()
-        val = task.splits["val"]
-        out = []
-        for lam in self.lambdas_:
-            p = OperatingPoint({"lambda": lam}, math.nan)
-            exits = self.decide(self.exit_logits(val, p), p)
-            out.append(OperatingPoint({"lambda": lam}, float((self.costs_[exits] / task.macs.static).mean())))
-        return out
-
-    def calibrate(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint | None]:
-        points = self.native_points(task)
-        return [None if i is None else points[i]
-                for i in select_budget(np.array([p.val_macs_rel for p in points]), budgets)]
+        return [OperatingPoint({"lambda": lam}) for lam in self.lambdas_]

@@ -6,8 +6,9 @@ Method card
 - Network: ``bench.backbones.msdnet`` (3 scales, dense blocks, a classifier on the coarsest scale after each block;
   default: the budgeted CIFAR configuration, 5 blocks, lin_grow, step 1, base 1, 16 channels), trained with
   the plain sum of per-exit cross-entropies (SGD 0.1, momentum 0.9, wd 1e-4, lr / 10 at 50 % and 75 %).
-  The method always runs on its own network, whatever the run's ``--backbone``; ``--set msdnet.FIELD`` (or,
-  with ``--backbone msdnet``, ``--set backbone.FIELD``) sets any field of ``bench.backbones.msdnet.MSDNetConfig``.
+  The method always runs on its own network, whatever the run's ``--backbone``; ``--set backbone.FIELD`` (with
+  ``--backbone msdnet``) or ``--set backbone.msdnet.FIELD`` (on another run) sets any field of
+  ``bench.backbones.msdnet.MSDNetConfig``.
 - Exit rule: max softmax of the exit's own classifier, with MSDNet's budget protocol (``scheme=geometric``:
   target exit shares proportional to r^k, 39 values of r from 0.05 to 1.95, per-exit thresholds from the
   validation split; bench.measure.calibration). ``--set msdnet.scheme=shared`` uses the harness's shared threshold.
@@ -22,21 +23,21 @@ Method card
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from bench.base.fields import choice
 from bench.core.interface import ScoreExitMethod, register_method
+from bench.measure.calibration import SCHEMES
 from methods._heads import HeadConfig, OnSharedHeads
 
 
 @register_method("msdnet")
 @dataclass
 class MSDNetMethod(OnSharedHeads, ScoreExitMethod):
-    scheme: str = "geometric"
-
-    @classmethod
-    def backbone_for(cls, run_backbone: str) -> str:
-        return "msdnet"
+    networks: ClassVar[dict[str, str]] = {"*": "msdnet"}  # always on its own network
+    scheme: str = choice("geometric", SCHEMES)
 
     def fit(self, task) -> "MSDNetMethod":
         # on MSDNet the heads are the network's own; a single-exit task (the conformance checks' synthetic

@@ -16,14 +16,15 @@ Method card
   than b the budget is infeasible.
 - Cost: heads only; the decision is free (0 operations), so at equal exits the oracle is never charged more
   than a real method, and the bound holds at the same realised cost.
-- Calibration: one point ``{"budget": b}`` per budget; ``val_macs_rel`` is the cost the rule achieves on val.
+- Operating points: one point ``{"budget": b}`` per budget; ``val_macs_rel`` is the cost the rule achieves on
+  val (measured by the harness).
 - Conformance: fails by nature the checks listed in ``expected_failures`` (label peeking, causality,
   streaming and the runner's path, batch invariance), each with its reason.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -73,9 +74,8 @@ class Oracle(CrossEntropyHeadsMethod):
         "check_causality": "a never-correct sample goes to exit 0 only because every later exit is wrong, and "
                            "under a budget which samples get corrected depends on their later exits.",
         "check_streaming": "it needs labels and the whole split (a mean-cost knapsack over every sample), "
-                           "neither of which a streaming runner has; exit_now raises NotImplementedError.",
-        "check_runner_equivalence": "the real runner calls exit_now, which a bound cannot have (see "
-                                    "check_streaming); bench.pipeline.runner refuses bounds for that reason.",
+                           "neither of which a streaming runner has; stream raises NotImplementedError and "
+                           "bench.pipeline.runner refuses bounds.",
         "check_batch_invariance": "the budget is a mean over the split being decided: the knapsack couples the "
                                   "samples, so halves of a split spend their budgets differently.",
     }
@@ -88,29 +88,13 @@ class Oracle(CrossEntropyHeadsMethod):
         self.static_macs_ = int(task.macs.static)
         return self
 
-    def calibrate(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint | None]:
-        """One ``{"budget": b}`` point per budget (None if infeasible), its cost measured on val."""
+    def operating_points(self, task: Task, budgets) -> list[OperatingPoint]:
+        """The rule at each feasible budget (``{"budget": b}``, serving budget b), and the unconstrained oracle
+        (``{"budget": None}``) as its own point."""
         self.check_fitted()
-        val = task.splits["val"]
-        logits = self.exit_logits(val)
         c0 = self.costs_[0] / self.static_macs_
-        out: list[OperatingPoint | None] = []
-        for b in budgets:
-            if c0 > b * (1 + _TOL) + _TOL:
-                out.append(None)
-                continue
-            p = OperatingPoint({"budget": float(b)}, 0.0)
-            exits = self.decide(logits, p, val.labels)
-            out.append(OperatingPoint(p.params, float((self.costs_[exits] / self.static_macs_).mean())))
-        return out
-
-    def native_points(self, task: Task) -> list[OperatingPoint]:
-        """The unconstrained oracle, its cost measured on val."""
-        self.check_fitted()
-        val = task.splits["val"]
-        p = OperatingPoint({"budget": None}, 0.0)
-        exits = self.decide(self.exit_logits(val), p, val.labels)
-        return [OperatingPoint(p.params, float((self.costs_[exits] / self.static_macs_).mean()))]
+        return [OperatingPoint({"budget": float(b)}, b) for b in budgets if c0 <= b * (1 + _TOL) + _TOL] + \
+            [OperatingPoint({"budget": None})]
 
     def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
                ) -> np.ndarray:
@@ -132,7 +116,7 @@ class Oracle(CrossEntropyHeadsMethod):
         tie = probs[torch.from_numpy(earliest), torch.arange(len(y)), y].numpy()
         return oracle_exits(correct, self.costs_ / self.static_macs_, point.params["budget"], tie)
 
-    def exit_now(self, k, logits_k, point, state):
+    def stream(self, k, features_k, point, state):
         raise NotImplementedError("oracle is an upper bound: it needs each sample's label and every exit's "
                                   "prediction (and, under a budget, the whole split) before deciding, so it "
                                   "has no streaming form.")

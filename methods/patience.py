@@ -6,11 +6,11 @@ Method card
 - Exit rule: a counter of consecutive exits whose argmax did not change (0 at exit 0; at exit k >= 1 it grows
   by one when argmax_k == argmax_{k-1} and resets to 0 otherwise). A sample leaves at the first exit k < K-1
   where the counter reaches the patience t, i.e. after t+1 agreeing exits; otherwise at the last exit.
-- Operating points: integer t in 1..K-1, so few points; each budget takes the t whose validation ``macs_rel``
-  is the largest <= b (the harness's ``select_budget``); budgets no t meets are infeasible rows. t = K-1 never
+- Operating points: integer t in 1..K-1, so few points; the harness gives each budget the t whose validation
+  ``macs_rel`` is the largest <= b; budgets no t meets are infeasible rows. t = K-1 never
   exits early (the counter cannot reach K-1 before the last exit), so it costs slightly more than 1. Every t
   is also reported as a native point.
-- Streaming: ``exit_now`` keeps (previous argmax, counter) per running sample in ``state``; it equals
+- Streaming: ``stream`` keeps (previous argmax, counter) per running sample in ``state``; it equals
   ``decide``.
 - Cost: each intermediate exit adds its head (D*C MACs) and the decision (C operations: the argmax; the
   comparison and counter update are not counted).
@@ -20,12 +20,9 @@ Method card
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 import torch
 
-from bench.measure.calibration import select_budget
 from bench.core.interface import OperatingPoint, register_method
 from bench.core.task import Task
 from methods._heads import CrossEntropyHeadsMethod
@@ -58,22 +55,10 @@ class Patience(CrossEntropyHeadsMethod):
             raise ValueError(f"patience: point.params['patience'] must be an integer >= 1, got {t!r}.")
         return int(t)
 
-    def _points(self, task: Task) -> list[OperatingPoint]:
+    def operating_points(self, task: Task, budgets) -> list[OperatingPoint]:
+        """Every patience t = 1..K-1 (the harness picks one per budget)."""
         self.check_fitted()
-        logits = self.exit_logits(task.splits["val"])
-        costs_rel = self.costs_ / task.macs.static
-        pts = []
-        for t in range(1, task.num_exits):
-            p = OperatingPoint({"patience": t}, 0.0)
-            pts.append(OperatingPoint(p.params, float(costs_rel[self.decide(logits, p)].mean())))
-        return pts
-
-    def calibrate(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint | None]:
-        pts = self._points(task)
-        return [None if i is None else pts[i] for i in select_budget([p.val_macs_rel for p in pts], budgets)]
-
-    def native_points(self, task: Task) -> list[OperatingPoint]:
-        return self._points(task)
+        return [OperatingPoint({"patience": t}) for t in range(1, task.num_exits)]
 
     def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
                ) -> np.ndarray:
@@ -81,14 +66,15 @@ class Patience(CrossEntropyHeadsMethod):
         self.check_logits(logits)
         return patience_exits(logits.argmax(-1).numpy(), self._patience(point))
 
-    def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint, state: dict | None
-                 ) -> tuple[np.ndarray, dict]:
-        """Mask [N_k] of the running samples that leave at exit k; state = {"prev": argmax, "count": counter}."""
-        self.check_exit_logits(logits_k, "patience.exit_now")
+    def stream(self, k: int, features_k: torch.Tensor, point: OperatingPoint, state: dict | None
+               ) -> tuple[torch.Tensor, np.ndarray, dict]:
+        """Exit k's logits and the mask [N_k] of the running samples that leave there; state = {"prev": argmax,
+        "count": counter}."""
         t = self._patience(point)
-        pred = logits_k.argmax(-1).numpy()
+        logits = self.exit_head(k, features_k, point)
+        pred = logits.argmax(-1).numpy()
         if state is None:
             count = np.zeros(len(pred), dtype=np.int64)
         else:
             count = np.where(pred == state["prev"], state["count"] + 1, 0)
-        return count >= t, {"prev": pred, "count": count}
+        return logits, count >= t, {"prev": pred, "count": count}

@@ -1,15 +1,18 @@
 """The staged forward matches timm, and the checkpoint / feature caches never serve a stale or broken file."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-import bench.backbones.vit as bb
+from bench.backbones.base import block_features, to_tensor
+from bench.backbones.vit import ViT, ViTConfig, head_logits
 from bench.pipeline import features as F
-from bench.backbones.vit import BackboneConfig, block_features, create_backbone, head_logits, to_tensor
+from bench.pipeline.tasks import load_or_train_backbone
 from bench.pipeline.splits import make_splits
 from datasets import load_dataset
 
-TINY = BackboneConfig(img_size=8, patch_size=2, embed_dim=32, depth=3, num_heads=2, epochs=2, batch_size=128)
+TINY = ViTConfig(img_size=8, patch_size=2, embed_dim=32, depth=3, num_heads=2, epochs=2, batch_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +22,9 @@ def digits():
 
 def test_staged_forward_equals_timm(digits):
     torch.manual_seed(0)
-    model = create_backbone(TINY, in_chans=1, num_classes=10).eval()
+    model = ViT.create(TINY, in_chans=1, num_classes=10).eval()
     x = to_tensor(digits.test_x[:16], 8)
-    feats = block_features(model, x)
+    feats = block_features(ViT.stages(model), x)
     assert feats.shape == (3, 16, 32)
     with torch.no_grad():
         assert torch.allclose(head_logits(model, feats[-1]), model(x), atol=1e-6)
@@ -34,35 +37,35 @@ def test_staged_forward_equals_timm(digits):
 
 def test_features_do_not_depend_on_batch_composition(digits):
     torch.manual_seed(0)
-    model = create_backbone(TINY, in_chans=1, num_classes=10).eval()
+    model = ViT.create(TINY, in_chans=1, num_classes=10).eval()
     x = to_tensor(digits.test_x[:32], 8)
-    full = block_features(model, x)
-    part = block_features(model, x[5:9])
+    full = block_features(ViT.stages(model), x)
+    part = block_features(ViT.stages(model), x[5:9])
     assert torch.allclose(full[:, 5:9], part, atol=1e-6)
 
 
 def test_checkpoint_cache_reuses_and_rebuilds(tmp_path, digits, monkeypatch, caplog):
     splits = make_splits(digits.train_y, len(digits.test_y), 0)
     calls = []
-    real = bb.train_backbone
-    monkeypatch.setattr(bb, "train_backbone", lambda *a, **k: calls.append(1) or real(*a, **k))
-    first = bb.load_or_train_backbone(tmp_path, TINY, digits, splits)
-    second = bb.load_or_train_backbone(tmp_path, TINY, digits, splits)
+    real = ViT.train.__func__
+    monkeypatch.setattr(ViT, "train", classmethod(lambda cls, *a, **k: calls.append(1) or real(cls, *a, **k)))
+    first = load_or_train_backbone(tmp_path, ViT, TINY, digits, splits)
+    second = load_or_train_backbone(tmp_path, ViT, TINY, digits, splits)
     assert len(calls) == 1 and first.key == second.key
     x = to_tensor(digits.test_x[:8], 8)
     assert torch.equal(first.model(x), second.model(x))
     (ckpt,) = list((tmp_path / "backbones").glob("*.pt"))
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # truncated
-    third = bb.load_or_train_backbone(tmp_path, TINY, digits, splits)
+    third = load_or_train_backbone(tmp_path, ViT, TINY, digits, splits)
     assert len(calls) == 2 and "unusable" in caplog.text
     assert torch.equal(third.model(x), first.model(x))  # retraining is deterministic
-    other = bb.load_or_train_backbone(tmp_path, TINY.replace(epochs=1), digits, splits)
+    other = load_or_train_backbone(tmp_path, ViT, dataclasses.replace(TINY, epochs=1), digits, splits)
     assert len(calls) == 3 and other.key != first.key
 
 
 def test_feature_cache_detects_corruption_and_foreign_keys(tmp_path, digits, monkeypatch, caplog):
     splits = make_splits(digits.train_y, len(digits.test_y), 0)
-    backbone = bb.load_or_train_backbone(tmp_path, TINY, digits, splits)
+    backbone = load_or_train_backbone(tmp_path, ViT, TINY, digits, splits)
     calls = []
     real = F.compute_features
     monkeypatch.setattr(F, "compute_features", lambda *a, **k: calls.append(1) or real(*a, **k))

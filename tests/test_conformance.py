@@ -2,7 +2,7 @@
 cheating methods (defined here, never registered) that each check must catch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -89,23 +89,19 @@ class LooksAhead(_Cheat):
 class Overspends(_Cheat):
     """Each budget gets the point of a budget 0.15 larger."""
 
-    def calibrate(self, task, budgets):
-        return super().calibrate(task, [b + 0.15 for b in budgets])
-
-
-class MisreportsCost(_Cheat):
-    """Claims that each point costs exactly its budget."""
-
-    def calibrate(self, task, budgets):
-        return [None if p is None else OperatingPoint(p.params, float(b))
-                for b, p in zip(budgets, super().calibrate(task, budgets))]
+    def operating_points(self, task, budgets):
+        out = []
+        for b in budgets:
+            out += [replace(p, budget=b) for p in super().operating_points(task, [b + 0.15])]
+        return out
 
 
 class StreamsDifferently(_Cheat):
     """The streaming rule uses a lower threshold than decide."""
 
-    def exit_now(self, k, logits_k, point, state):
-        return self.scores(logits_k) >= 0.9 * point.params["threshold"], {}
+    def stream(self, k, features_k, point, state):
+        logits = self.exit_head(k, features_k, point)
+        return logits, self.scores(logits) >= 0.9 * point.params["threshold"], {}
 
 
 class HeadDrifts(_Cheat):
@@ -171,18 +167,17 @@ class AcceptsAnyShape(_Cheat):
 
 
 # cheater -> (the check that must catch it, other checks it fails by construction, and why). A rule that cannot
-# stream (it looks ahead, or at the batch) fails check_streaming and check_runner_equivalence as well.
-STREAMS = {"check_streaming", "check_runner_equivalence"}
+# stream (it looks ahead, or at the batch) fails check_streaming as well.
+STREAMS = {"check_streaming"}
 CHEATERS = {
     FitReturnsNone: ("check_fit_contract", set()),
-    PeeksInExitLogits: ("check_no_label_peeking", {"check_runner_equivalence"}),  # the runner has no labels
+    PeeksInExitLogits: ("check_no_label_peeking", STREAMS),  # the runner has no labels
     PeeksInFit: ("check_no_label_peeking", set()),
     LooksAhead: ("check_causality", STREAMS),
     Overspends: ("check_budget_respected", set()),
-    MisreportsCost: ("check_budget_respected", set()),
-    StreamsDifferently: ("check_streaming", {"check_runner_equivalence"}),  # the runner streams too
-    HeadDrifts: ("check_runner_equivalence", set()),
-    # a sample alone has no neighbour; exit_now does not swap; scrambling one row's later exits moves its pair
+    StreamsDifferently: ("check_streaming", set()),
+    HeadDrifts: ("check_streaming", set()),
+    # a sample alone has no neighbour; stream does not swap; scrambling one row's later exits moves its pair
     SwapsNeighbours: ("check_order_invariance", {"check_batch_invariance", "check_causality"} | STREAMS),
     BatchRelative: ("check_batch_invariance", STREAMS),  # the survivors are a different batch
     Nondeterministic: ("check_determinism", {"check_no_label_peeking"}),  # its garbage-label refit draws anew

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench.measure.flops import (  # noqa: E402
-    ViTMacs,
+    ExitMacs,
     analytic_vit_macs,
     fused_attention,
     fvcore_macs,
@@ -69,7 +69,7 @@ def test_analytic_tiny_by_hand():
     model = make_vit("tiny8")
     assert model.blocks[0].attn.num_heads == heads
     macs = analytic_vit_macs(model)
-    assert macs == ViTMacs(embed=embed, blocks=(block,) * depth, head=head)
+    assert macs == ExitMacs(embed=embed, blocks=(block,) * depth, head=head)
     assert macs.static == embed + depth * block + head == 5240192
     cum = macs.cumulative_blocks()
     assert cum.dtype == np.int64 and cum.shape == (depth,)

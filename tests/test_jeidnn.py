@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from bench.core.conformance import scramble_after_exit
 from bench.base.errors import UserError
-from bench.core.interface import OperatingPoint, create_method, stream_decide
+from bench.core.interface import OperatingPoint, create_method, resolve_points, stream_exits
 from bench.core.task import synthetic_task
 from methods.jeidnn import (
     exit_probabilities,
@@ -164,7 +164,7 @@ def test_exit_logits_per_lambda_and_warmup(task, hard_task, hard):
     split = hard_task.splits["test"]
     warm = hard.exit_logits(split)
     assert torch.allclose(warm[-1], hard_task.final_logits(split))
-    points = hard.native_points(hard_task)
+    points = hard.operating_points(hard_task, [])
     per_point = [hard.exit_logits(split, p) for p in points]
     assert all(torch.equal(lg[-1], warm[-1]) for lg in per_point)
     assert not torch.equal(per_point[0][0], warm[0])  # the IMs were trained further per lambda
@@ -177,11 +177,11 @@ def test_exit_logits_per_lambda_and_warmup(task, hard_task, hard):
 def test_streaming_equals_decide_and_is_causal(hard_task, hard):
     split = hard_task.splits["test"]
     seen = set()
-    for p in hard.native_points(hard_task):
+    for p in hard.operating_points(hard_task, []):
         logits = hard.exit_logits(split, p)
         exits = hard.decide(logits, p)
         seen |= set(exits.tolist())
-        assert np.array_equal(stream_decide(hard, logits, p), exits)
+        assert np.array_equal(stream_exits(hard, split.features, p)[0], exits)
         assert np.array_equal(hard.decide(scramble_after_exit(logits, exits), p), exits)
     assert len(seen) >= 2  # the check is not vacuous
 
@@ -190,17 +190,18 @@ def test_budgets_respected_on_val_and_cost_falls_with_lambda(hard_task, hard):
     static = hard_task.macs.static
     val = hard_task.splits["val"]
     budgets = [0.1, 0.28, 0.3, 0.35, 0.4, 0.5, 0.6, 0.8, 1.0]
-    points = hard.calibrate(hard_task, budgets)
-    assert points[0] is None  # even exit 0 costs more than 0.1
+    resolved = resolve_points(hard, hard_task, budgets)
+    points = resolved[:len(budgets)]
+    assert points[0].infeasible  # even exit 0 costs more than 0.1
     prev = -1.0
     for b, p in zip(budgets, points):
-        if p is None:
+        if p.infeasible:
             continue
         cost = (hard.costs_[hard.decide(hard.exit_logits(val, p), p)] / static).mean()
         assert cost <= b + 1e-9 and cost == pytest.approx(p.val_macs_rel)
         assert cost >= prev
         prev = cost
-    native = hard.native_points(hard_task)
+    native = resolved[len(budgets):]
     assert [p.params["lambda"] for p in native] == list(hard.lambdas_)
     cost = np.array([p.val_macs_rel for p in native])
     lam_rank, cost_rank = np.argsort(np.argsort(hard.lambdas_)), np.argsort(np.argsort(cost))
@@ -213,7 +214,7 @@ def test_fit_is_deterministic_label_blind_and_pickles(task, fitted):
     for name in ("warm_w_", "warm_b_", "im_w_", "im_b_", "gate_w_", "gate_b_"):
         assert torch.equal(getattr(again, name), getattr(fitted, name)), name
     test = task.splits["test"]
-    p = fitted.calibrate(task, [0.6])[0]
+    p = resolve_points(fitted, task, [0.6])[0]
     exits = fitted.decide(fitted.exit_logits(test, p), p)
     assert np.array_equal(again.decide(again.exit_logits(test.without_labels(), p), p), exits)
     clone = pickle.loads(pickle.dumps(fitted))
@@ -229,7 +230,7 @@ def test_fast_on_synthetic_and_close_to_threshold(task, fitted):
         exits = method.decide(logits, point)
         return (logits[exits, np.arange(len(test))].argmax(1).numpy() == test.labels).mean()
 
-    pj, pt = fitted.calibrate(task, [0.75])[0], thr.calibrate(task, [0.75])[0]
+    pj, pt = resolve_points(fitted, task, [0.75])[0], resolve_points(thr, task, [0.75])[0]
     acc_j = accuracy(fitted, pj, fitted.exit_logits(test, pj))
     acc_t = accuracy(thr, pt, thr.exit_logits(test))
     assert acc_j >= acc_t - 0.05, (acc_j, acc_t)
@@ -249,8 +250,10 @@ def test_im_loss_modes_and_shared_heads(hard_task):
 
 def test_bad_fields_and_unfitted(task):
     with pytest.raises(UserError, match="im_loss"):
-        create_method("jeidnn", {"im_loss": "weighted"}).fit(task)
-    with pytest.raises(ValueError, match="lambdas"):
-        create_method("jeidnn", {"lambdas": []}).fit(task)
+        create_method("jeidnn", {"im_loss": "weighted"})
+    with pytest.raises(UserError, match="lambdas"):
+        create_method("jeidnn", {"lambdas": []})
+    with pytest.raises(UserError, match="distinct"):
+        create_method("jeidnn", {"lambdas": [0.1, 0.1]})
     with pytest.raises(UserError, match="call fit"):
-        create_method("jeidnn").calibrate(task, [0.5])
+        create_method("jeidnn").operating_points(task, [0.5])

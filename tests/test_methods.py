@@ -1,16 +1,16 @@
 """threshold and entropy on a synthetic task: shared heads, honest costs, budgets, and the exit contract."""
-import pickle
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from bench.core.conformance import scramble_after_exit
 from bench.base.errors import UserError
-from bench.core.interface import METHODS, NotFittedError, create_method, stream_decide
+from bench.core.interface import METHODS, NotFittedError, create_method, resolve_points
+from bench.core.task import synthetic_task
+from bench.pipeline.evaluate import evaluate_method
 
 SCORE_METHODS = ["threshold", "entropy"]
-BUDGETS = [0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
 
 
 @pytest.fixture(scope="module")
@@ -43,59 +43,26 @@ def test_last_exit_is_the_backbone_head(task, fitted):
     assert torch.allclose(logits[-1], task.final_logits(split))
 
 
-@pytest.mark.parametrize("name", SCORE_METHODS)
-def test_budget_respected_on_val_and_cost_monotone(task, fitted, name):
-    m = fitted[name]
-    points = m.calibrate(task, BUDGETS)
-    val = task.splits["val"]
-    logits = m.exit_logits(val)
-    prev = -1.0
-    for b, p in zip(BUDGETS, points):
-        if p is None:
-            continue
-        cost = (m.costs_[m.decide(logits, p)] / task.macs.static).mean()
-        assert cost <= b + 1e-9 and cost == pytest.approx(p.val_macs_rel)
-        assert cost >= prev - 1e-12
-        prev = cost
-
-
-@pytest.mark.parametrize("name", SCORE_METHODS)
-def test_streaming_equals_decide_and_is_causal(task, fitted, name):
-    m = fitted[name]
-    split = task.splits["test"]
-    logits = m.exit_logits(split)
-    for p in filter(None, m.calibrate(task, BUDGETS)):
-        exits = m.decide(logits, p)
-        # streaming: exit k decides on its own logits among samples still running
-        assert np.array_equal(stream_decide(m, logits, p), exits)
-        # causality: scrambling every exit after the chosen one changes nothing
-        assert np.array_equal(m.decide(scramble_after_exit(logits, exits), p), exits)
-
-
-@pytest.mark.parametrize("name", SCORE_METHODS)
-def test_no_label_peeking_and_pickle_round_trip(task, fitted, name):
-    m = fitted[name]
-    p = m.calibrate(task, [0.6])[0]
-    test = task.splits["test"]
-    exits = m.decide(m.exit_logits(test), p)
-    assert np.array_equal(m.decide(m.exit_logits(test.without_labels()), p), exits)
-    clone = pickle.loads(pickle.dumps(m))
-    assert np.array_equal(clone.decide(clone.exit_logits(test), p), exits)
-
-
-def test_order_invariance(task, fitted):
-    m = fitted["threshold"]
-    p = m.calibrate(task, [0.6])[0]
-    test = task.splits["test"]
-    perm = np.random.default_rng(0).permutation(len(test))
-    assert np.array_equal(m.decide(m.exit_logits(test.subset(perm)), p), m.decide(m.exit_logits(test), p)[perm])
+# Budgets, streaming, causality, label blindness, pickling and order invariance are checked for every method by
+# the conformance suite (tests/test_conformance.py); the tests below are specific to the score methods.
 
 
 def test_unfitted_and_bad_fields():
     with pytest.raises(NotFittedError, match="call fit"):
-        create_method("threshold").calibrate(None, [0.5])
+        create_method("threshold").operating_points(None, [0.5])
     with pytest.raises(UserError, match="has no field 'epoch'.*epochs"):
         create_method("threshold", {"epoch": 3})
+    with pytest.raises(UserError, match=r"--set threshold.epochs=abc: epochs must be an integer"):
+        create_method("threshold", {"epochs": "abc"})
+    with pytest.raises(UserError, match=r"threshold.epochs=0: epochs must be >= 1"):
+        create_method("threshold", {"epochs": 0})
+    with pytest.raises(UserError, match=r"jeidnn.lambdas=0.1: lambdas must be a list of numbers"):
+        create_method("jeidnn", {"lambdas": 0.1})
+    with pytest.raises(UserError, match=r"jeidnn.lambdas=\[0.1,-1\]: lambdas must be >= 0"):
+        create_method("jeidnn", {"lambdas": [0.1, -1]})
+    with pytest.raises(UserError, match=r"scheme must be one of shared, geometric"):
+        create_method("entropy", {"scheme": "bisect"})
+    assert create_method("threshold", {"lr": 1}).lr == 1.0 and isinstance(create_method("threshold", {"lr": 1}).lr, float)
 
 
 def test_early_exit_buys_cost_with_little_accuracy(task, fitted):
@@ -104,7 +71,7 @@ def test_early_exit_buys_cost_with_little_accuracy(task, fitted):
     test = task.splits["test"]
     logits = m.exit_logits(test)
     full = (logits[-1].argmax(1).numpy() == test.labels).mean()
-    p = m.calibrate(task, [0.9])[0]
+    p = resolve_points(m, task, [0.9])[0]
     exits = m.decide(logits, p)
     acc = (logits[exits, np.arange(len(test))].argmax(1).numpy() == test.labels).mean()
     assert (m.costs_[exits] / task.macs.static).mean() < 0.95
@@ -115,22 +82,18 @@ def test_early_exit_buys_cost_with_little_accuracy(task, fitted):
 def test_evaluation_uses_each_points_own_logits(name):
     """The harness's rows must equal deciding each operating point on that point's own exit_logits (JEI-DNN
     has heads per lambda: evaluating every lambda on one set of logits would be silently wrong)."""
-    import json
-
-    from bench.pipeline.evaluate import evaluate_method
-    from bench.core.task import synthetic_task
-
     task = synthetic_task(noise=3.0, seed=1)
     fields = create_method(name).params()
     # alternate_every=5: JEI-DNN's IM phases run on this small task, so its heads really differ per lambda
     m = create_method(name, {k: v for k, v in {"epochs": 3, "alternate_every": 5}.items() if k in fields}).fit(task)
     budgets = [0.4, 0.7]
-    points = m.calibrate(task, budgets)
-    rows, _ = evaluate_method(m, task, points, budgets, splits=("test",))
+    points = resolve_points(m, task, budgets)
+    rows, _ = evaluate_method(m, task, points, splits=("test",))
     test = task.splits["test"]
     checked = 0
-    for budget, point in [*zip(budgets, points), *[(None, p) for p in m.native_points(task)]]:
-        if point is None:
+    for point in points:
+        budget = point.budget
+        if point.infeasible:
             continue
         logits = m.exit_logits(test, point)
         exits = m.decide(logits, point, test.labels if m.bound else None)

@@ -5,31 +5,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.backbones.vit import block_features, load_or_train_backbone, to_tensor
-from bench.pipeline.features import load_or_compute_features
+from bench.backbones.base import BACKBONES, block_features, to_tensor
+from bench.backbones.msdnet import MSDNet, MSDNetBackbone, MSDNetConfig, block_layout, msdnet_macs
+from bench.base.errors import UserError
+from bench.core.interface import METHODS, create_method, resolve_points
 from bench.measure.flops import fvcore_macs
-from bench.core.interface import METHODS, create_method
-from bench.backbones.msdnet import (GradRescale, MSDNet, MSDNetConfig, block_layout, boosted_ensemble, msdnet_macs)
-from bench.pipeline.run import build_task, count_macs
+from bench.pipeline.config import RunConfig
 from bench.pipeline.runner import timing_metrics
-from bench.pipeline.splits import load_or_make_splits
-from datasets import load_dataset
+from bench.pipeline.tasks import load_task
+from methods.boostednet import (BoostedMSDNet, BoostedMSDNetConfig, GradRescale, boosted_ensemble,
+                                rescaled_exit_logits)
 from tests._early_exit_check import assert_real_equals_simulated
 
 # MSDNet-PyTorch's budgeted CIFAR-100 model, per-exit mul-adds from its own counter (reference/baselines.md)
 PUBLISHED_MACS = np.array([6.9, 14.4, 27.5, 41.7, 58.5]) * 1e6
-TINY = MSDNetConfig(img_size=16, n_blocks=3, channels=4, growth_rate=2, classifier_channels=16, epochs=3,
-                    batch_size=64, lr=0.05, augment="none")
+TINY_FIELDS = dict(img_size=16, n_blocks=3, channels=4, growth_rate=2, classifier_channels=16, epochs=3,
+                   batch_size=64, lr=0.05, augment="none")
+TINY = MSDNetConfig(**TINY_FIELDS)
 DEPLOYABLE = [m for m in METHODS.names() if not METHODS.get(m).bound]
 
 
 def test_budgeted_cifar_configuration_matches_published_per_exit_costs():
-    model = MSDNet(MSDNetConfig(), in_chans=3, num_classes=100)
+    model = MSDNetBackbone.create(MSDNetConfig(), in_chans=3, num_classes=100)
     assert block_layout(model.cfg) == [1, 2, 3, 4, 5]
     got = msdnet_macs(model).exit_costs()
     np.testing.assert_allclose(got, PUBLISHED_MACS, rtol=0.03)
     # and the harness's cost of leaving at exit k (threshold's heads = MSDNet's classifiers) is the same count
-    macs = count_macs(model)
+    macs = MSDNetBackbone.macs(model)
     assert macs.embed + sum(macs.blocks) + macs.head == got[-1] - sum(macs.exit_features) - 4 * 128 * 100
 
 
@@ -69,11 +71,12 @@ def test_staged_forward_equals_forward_and_static_forward_is_the_last_exit():
     model = MSDNet(TINY, in_chans=1, num_classes=10).eval()
     x = torch.randn(6, 1, 16, 16)
     outs = model(x)
-    feats = block_features(model, x)  # [K, N, D]
-    assert feats.shape == (3, 6, 16)
+    st = MSDNetBackbone.stages(model)
+    feats = block_features(st, x)  # [K, N, D]
+    assert feats.shape == (3, 6, 16) and st.num_exits == 3
     for k in range(3):
         assert torch.equal(model.exit_logits(k, feats[k]), outs[k])
-    assert torch.equal(model.static_forward(x), outs[-1])
+    assert torch.equal(st.static_forward(x), outs[-1])
 
 
 def test_boosted_ensemble_hand_computed():
@@ -103,10 +106,15 @@ def test_gradient_rescaling_gives_each_block_the_mean_of_its_heads_gradients():
     torch.manual_seed(0)
     model = MSDNet(cfg, in_chans=1, num_classes=3).eval()
     x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    # the rescaled forward computes the same logits as the plain one
+    with torch.no_grad():
+        for a, b in zip(rescaled_exit_logits(model, x), model(x)):
+            assert torch.equal(a, b)
 
     def grads(rescale):
         model.zero_grad()
-        sum(F.cross_entropy(o, y) for o in model(x, rescale_gradients=rescale)).backward()
+        outs = rescaled_exit_logits(model, x) if rescale else model(x)
+        sum(F.cross_entropy(o, y) for o in outs).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain, rescaled = grads(False), grads(True)
@@ -121,27 +129,46 @@ def test_gradient_rescaling_gives_each_block_the_mean_of_its_heads_gradients():
             torch.testing.assert_close(rescaled[name], plain[name])
 
 
-def test_invalid_configurations_are_user_errors():
-    from bench.base.errors import UserError
+def test_boosted_network_trains_on_the_rescaled_boosted_ensemble():
+    """The msdnet-boosted plugin's training outputs are BoostedNet's detached ensemble of the rescaled exits,
+    and its validated prediction is the last ensemble; the plain plugin uses the exits and the last exit."""
+    torch.manual_seed(0)
+    cfg = BoostedMSDNetConfig(**TINY_FIELDS, boost_weight=0.25)
+    model = BoostedMSDNet.create(cfg, in_chans=1, num_classes=10).eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        outs = model(x)
+        want = boosted_ensemble(outs, 0.25)
+        for a, b in zip(BoostedMSDNet.exit_outputs(cfg, model, x), want):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(MSDNetBackbone.exit_outputs(TINY, model, x), outs):
+            assert torch.equal(a, b)
+    stacked = torch.stack(outs)
+    torch.testing.assert_close(BoostedMSDNet.prediction(cfg, stacked), want[-1])
+    assert torch.equal(MSDNetBackbone.prediction(TINY, stacked), outs[-1])
 
+
+def test_invalid_configurations_are_user_errors():
     with pytest.raises(UserError, match="step_mode"):
-        MSDNet(MSDNetConfig(step_mode="geometric"), 3, 10)
+        MSDNetBackbone.configure("digits", {"step_mode": "geometric"})
     with pytest.raises(UserError, match="too small"):
         MSDNet(MSDNetConfig(img_size=4), 3, 10)
+    with pytest.raises(UserError, match="too small"):
+        MSDNetBackbone.configure("digits", {"img_size": 4})
 
 
 # ---- trained tiny MSDNets on digits ----------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["sum", "boosted"])
+@pytest.fixture(scope="module", params=["msdnet", "msdnet-boosted"])
 def trained(request, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    ds = load_dataset("digits")
-    splits = load_or_make_splits(cache, ds.name, ds.train_y, len(ds.test_y), 0)
-    cfg = TINY.replace(training=request.param)
-    backbone = load_or_train_backbone(cache, cfg, ds, splits)
-    feats = load_or_compute_features(cache, backbone, ds)
-    kind = "msdnet" if request.param == "sum" else "msdnet-boosted"
-    task = build_task(ds, splits, backbone, feats, count_macs(backbone.model), kind)
-    return ds, backbone, task
+    """The tiny MSDNet trained with the plain summed loss (``msdnet``) or as BoostedNet (``msdnet-boosted``),
+    its cached features and its task, through the harness's own loading (``load_task``)."""
+    cfg = RunConfig(methods=["threshold"], dataset="digits", backbone=request.param,
+                    cache_dir=str(tmp_path_factory.mktemp("cache")), overrides={"backbone": TINY_FIELDS})
+    loaded = load_task(cfg, seed=0)
+    plugin = BACKBONES.get(request.param)
+    assert loaded.backbone.plugin is plugin and loaded.backbone.config == plugin.Config(**TINY_FIELDS)
+    assert loaded.task.backbone == f"{request.param}-b3-c4-g2-16px"
+    return loaded.dataset, loaded.backbone, loaded.task
 
 
 def test_task_on_msdnet_carries_its_own_heads_and_costs(trained):
@@ -179,17 +206,22 @@ def test_real_exits_on_msdnet_equal_simulated(trained, name):
     ds, backbone, task = trained
     fast = {k: v for k, v in {"epochs": 3}.items() if k in create_method(name).params()}
     method = create_method(name, fast).fit(task)
-    checked = assert_real_equals_simulated(backbone.model, method, task, to_tensor(ds.test_x, TINY.img_size),
-                                           [0.3, 0.5, 0.8])
+    checked = assert_real_equals_simulated(backbone.model, backbone.stages(), method, task,
+                                           to_tensor(ds.test_x, TINY.img_size), [0.3, 0.5, 0.8])
     assert checked, f"{name}: no feasible budget"
 
 
 def test_timing_on_msdnet_uses_the_static_network(trained):
     ds, backbone, task = trained
     method = create_method("msdnet").fit(task)
-    point = method.calibrate(task, [0.6])[0]
-    t = timing_metrics(backbone.model, method, point, ds.test_x, TINY.img_size, batch_size=64, n_latency=3,
-                       repeats=2)
+    point = resolve_points(method, task, [0.6])[0]
+    assert point.budget == 0.6 and not point.infeasible
+    st = backbone.stages()
+    # the timing denominator is the static network: every block, then the last classifier only
+    x = to_tensor(ds.test_x[:8], TINY.img_size)
+    with torch.no_grad():
+        assert torch.equal(st.static_forward(x), backbone.model(x)[-1])
+    t = timing_metrics(st, method, point, ds.test_x, TINY.img_size, batch_size=64, n_latency=3, repeats=2)
     assert 0 < t["latency_ms"] <= t["latency_ms_p90"] and t["throughput"] > 0 and t["wall_rel"] > 0
 
 
@@ -200,17 +232,30 @@ def test_boostednet_on_its_boosted_msdnet_combines_the_networks_heads(trained):
     w, b = task.exit_heads
     f = [feats[k] @ w[k] + b[k] for k in range(3)]
     want = torch.stack(boosted_ensemble(f, 0.5))
-    if task.backbone == "msdnet-boosted":
+    if backbone.plugin is BoostedMSDNet:
         torch.testing.assert_close(m.exit_logits(task.splits["test"]), want)
     else:  # on the plain MSDNet it trains its own boosted heads on the frozen features
         assert m.val_accuracy_ is not None and not torch.allclose(m.exit_logits(task.splits["test"]), want)
 
 
+def test_jeidnn_on_msdnet_starts_its_ims_from_the_networks_classifiers(trained):
+    ds, backbone, task = trained
+    m = create_method("jeidnn", {"warmup_epochs": 0, "epochs": 1, "lambdas": [0.1]}).fit(task)
+    w, b = task.exit_heads
+    assert torch.equal(m.warm_w_, w[:-1]) and torch.equal(m.warm_b_, b[:-1])
+
+
 # ---- the command line: methods x backbones ---------------------------------------------------------------------
-MSD_TINY = ["--set", "msdnet.img_size=16", "--set", "msdnet.n_blocks=3", "--set", "msdnet.channels=4",
-            "--set", "msdnet.growth_rate=2", "--set", "msdnet.classifier_channels=16", "--set", "msdnet.epochs=2"]
+def _tiny_msdnet(prefix: str) -> list[str]:
+    """``--set PREFIX.FIELD=V`` for the tiny MSDNet (2 epochs): ``backbone`` when it is the run's backbone,
+    ``backbone.msdnet`` / ``backbone.msdnet-boosted`` for a network a method brings."""
+    fields = dict(img_size=16, n_blocks=3, channels=4, growth_rate=2, classifier_channels=16, epochs=2)
+    return [a for k, v in fields.items() for a in ("--set", f"{prefix}.{k}={v}")]
+
+
 VIT_TINY = ["--set", "backbone.depth=3", "--set", "backbone.embed_dim=32", "--set", "backbone.num_heads=2",
             "--set", "backbone.epochs=2"]
+PLAIN, BOOSTED, VIT = "msdnet-b3-c4-g2-16px", "msdnet-boosted-b3-c4-g2-16px", "vit-d3-w32-p2-8px"
 
 
 def _run(tmp_path, *args):
@@ -226,13 +271,11 @@ def _run(tmp_path, *args):
 
 def test_backbone_msdnet_runs_every_method_on_msdnet_exits(tmp_path):
     df = _run(tmp_path, "--backbone", "msdnet", "--methods", "msdnet,boostednet,threshold,patience",
-              *MSD_TINY, "--set", "patience.epochs=3")
+              *_tiny_msdnet("backbone"), *_tiny_msdnet("backbone.msdnet-boosted"), "--set", "patience.epochs=3")
     by_method = df.groupby("method")["backbone"].unique().to_dict()
     assert set(by_method) == {"static", "msdnet", "boostednet", "threshold", "patience"}
-    plain = "msdnet(img16,b3,c4,g2)"
     assert {m: list(v) for m, v in by_method.items()} == {
-        "static": [plain], "msdnet": [plain], "threshold": [plain], "patience": [plain],
-        "boostednet": ["msdnet(img16,b3,c4,g2,boosted)"]}
+        "static": [PLAIN], "msdnet": [PLAIN], "threshold": [PLAIN], "patience": [PLAIN], "boostednet": [BOOSTED]}
     # the same exits under two rules: MSDNet's r^k protocol and the harness's shared threshold
     params = df[(df["method"] == "msdnet") & (df["metric"] == "accuracy")]["params"].iloc[0]
     assert '"scheme":"geometric"' in params and '"ratio":' in params
@@ -243,13 +286,14 @@ def test_backbone_msdnet_runs_every_method_on_msdnet_exits(tmp_path):
 
 
 def test_msdnet_method_on_a_vit_run_brings_its_own_network(tmp_path):
-    df = _run(tmp_path, "--methods", "msdnet,threshold", *VIT_TINY, *MSD_TINY, "--set", "threshold.epochs=3")
+    df = _run(tmp_path, "--methods", "msdnet,threshold", *VIT_TINY, *_tiny_msdnet("backbone.msdnet"),
+              "--set", "threshold.epochs=3")
     statics = df[df["method"] == "static"]["backbone"].unique()
-    assert sorted(b.split("(")[0] for b in statics) == ["msdnet", "vit_tiny_patch16_224"]
-    assert df[df["method"] == "msdnet"]["backbone"].unique().tolist() == ["msdnet(img16,b3,c4,g2)"]
-    assert df[df["method"] == "threshold"]["backbone"].str.startswith("vit_").all()
+    assert sorted(statics) == [PLAIN, VIT]
+    assert df[df["method"] == "msdnet"]["backbone"].unique().tolist() == [PLAIN]
+    assert df[df["method"] == "threshold"]["backbone"].unique().tolist() == [VIT]
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "msdnet @ msdnet" in summary and "threshold @ vit_tiny_patch16_224" in summary
+    assert f"msdnet @ {PLAIN}" in summary and f"threshold @ {VIT}" in summary
     # bench report keeps both static networks apart and plots absolute MACs (macs_rel has two denominators)
     from bench.cli import main
     from bench.results.plots import plot_metric_vs_cost
@@ -257,7 +301,7 @@ def test_msdnet_method_on_a_vit_run_brings_its_own_network(tmp_path):
 
     agg = aggregate(load_runs([tmp_path / "out"]))
     statics = agg[(agg["method"] == "static") & (agg["metric"] == "accuracy")]
-    assert sorted(statics["label"]) == ["static backbone @ msdnet", "static backbone @ vit_tiny_patch16_224"]
+    assert sorted(statics["label"]) == [f"static backbone @ {PLAIN}", f"static backbone @ {VIT}"]
     fig = plot_metric_vs_cost(agg, "accuracy")
     assert fig.axes[0].get_xlabel().startswith("MACs per image, millions")
     xmax = max(line.get_xdata().max() for line in fig.axes[0].get_lines() if len(line.get_xdata()))
@@ -268,13 +312,18 @@ def test_msdnet_method_on_a_vit_run_brings_its_own_network(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--backbone", "msdnet", "--set", "backbone.n_blocks=0"], "n_blocks must be >= 1"),
-    (["--backbone", "msdnet", "--set", "backbone.depth=3"], "MSDNet has no field 'depth'"),
-    (["--backbone", "msdnet", "--set", "backbone.epochs=3", "--set", "msdnet.epochs=4"], "disagree"),
-    (["--methods", "msdnet", "--set", "msdnet.scheme=bisect"], "calibration scheme must be one of"),
+    (["--backbone", "msdnet", "--set", "backbone.depth=3"], "backbone has no field 'depth'"),
+    (["--set", "backbone.msdnet.depth=3"], "backbone.msdnet has no field 'depth'"),
+    # msdnet.FIELD is the method's hyper-parameter; the network is configured through backbone.*
+    (["--backbone", "msdnet", "--set", "msdnet.epochs=4"], "msdnet has no field 'epochs'"),
+    (["--backbone", "msdnet", "--methods", "boostednet", "--set", "backbone.msdnet-boosted.boost_weight=0.3",
+      "--set", "boostednet.boost_weight=0.4"], "disagrees"),
+    (["--methods", "msdnet", "--set", "msdnet.scheme=bisect"], "scheme must be one of"),
     (["--methods", "threshold", "--set", "msdnet.epochs=4"], "neither 'backbone' nor one of the methods"),
-    (["--backbone", "msdnet", "--pretrained"], "MSDNet (--backbone msdnet) trains from scratch"),
-    (["--backbone", "msdnet", "--methods", "boostednet", "--set", "msdnet.boost_weight=0.3"],
-     "set it once, with --set boostednet.boost_weight"),
+    (["--methods", "threshold", "--set", "backbone.msdnet.epochs=4"], "'msdnet' is not a network of this run"),
+    (["--backbone", "msdnet", "--pretrained"], "backbone 'msdnet' has no pretrained weights"),
+    (["--backbone", "msdnet", "--methods", "boostednet", "--set", "backbone.boost_weight=0.3"],
+     "backbone has no field 'boost_weight'"),
 ])
 def test_msdnet_user_errors_exit_2(tmp_path, capsys, args, message):
     from bench.cli import main
@@ -285,10 +334,3 @@ def test_msdnet_user_errors_exit_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "c").exists()  # refused before any work
-
-
-def test_jeidnn_on_msdnet_starts_its_ims_from_the_networks_classifiers(trained):
-    ds, backbone, task = trained
-    m = create_method("jeidnn", {"warmup_epochs": 0, "epochs": 1, "lambdas": [0.1]}).fit(task)
-    w, b = task.exit_heads
-    assert torch.equal(m.warm_w_, w[:-1]) and torch.equal(m.warm_b_, b[:-1])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.core.conformance import default_task
-from bench.core.interface import OperatingPoint, create_method, stream_decide
+from bench.core.interface import OperatingPoint, create_method, resolve_points, stream_exits
 from methods.oracle import Oracle, oracle_exits
 from methods.patience import Patience, patience_exits
 
@@ -88,7 +88,7 @@ def test_oracle_decide_matches_brute_force_through_logits():
         logits = _logits_for(correct, targets)
         assign = np.array(list(itertools.product(range(4), repeat=n)))
         for b in (0.25, 0.4, 0.55, 0.7, 0.9):
-            exits = m.decide(logits, OperatingPoint({"budget": b}, 0.0), targets)
+            exits = m.decide(logits, OperatingPoint({"budget": b}), targets)
             ok = costs[assign].sum(1) <= b * 40 * n + 1e-9
             assert correct[exits, np.arange(n)].sum() == correct[assign, np.arange(n)].sum(1)[ok].max()
             assert costs[exits].mean() / 40 <= b + 1e-12
@@ -107,7 +107,7 @@ def test_unconstrained_oracle_accuracy_is_the_fraction_some_exit_gets_right(ctas
     test = ctask.splits["test"]
     logits = m.exit_logits(test)
     correct = (logits.argmax(-1).numpy() == test.labels)
-    [native] = m.native_points(ctask)
+    [native] = [p for p in resolve_points(m, ctask, BUDGETS) if p.budget is None]
     assert native.params == {"budget": None}
     exits = m.decide(logits, native, test.labels)
     assert correct[exits, np.arange(len(test))].mean() == correct.any(0).mean()
@@ -127,31 +127,32 @@ def test_oracle_calibration_and_infeasible_budgets(ctask, fitted):
     val = ctask.splits["val"]
     logits = m.exit_logits(val)
     c0 = m.costs_[0] / ctask.macs.static
-    points = m.calibrate(ctask, BUDGETS)
+    points = resolve_points(m, ctask, BUDGETS)[:len(BUDGETS)]
     for b, p in zip(BUDGETS, points):
+        assert p.budget == b
         if b < c0:
-            assert p is None
+            assert p.infeasible
             with pytest.raises(ValueError, match="infeasible"):
-                m.decide(logits, OperatingPoint({"budget": b}, 0.0), val.labels)
+                m.decide(logits, OperatingPoint({"budget": b}), val.labels)
             continue
         assert p.params == {"budget": b}
         cost = (m.costs_[m.decide(logits, p, val.labels)] / ctask.macs.static).mean()
         assert cost == pytest.approx(p.val_macs_rel, abs=1e-12) and cost <= b + 1e-12
-    assert any(p is None for p in points) and any(p is not None for p in points)
+    assert any(p.infeasible for p in points) and any(not p.infeasible for p in points)
 
 
 def test_oracle_needs_labels_and_cannot_stream(ctask, fitted):
     m = fitted["oracle"]
     test = ctask.splits["test"]
-    p = OperatingPoint({"budget": 0.5}, 0.0)
+    p = OperatingPoint({"budget": 0.5})
     with pytest.raises(ValueError, match="needs targets"):
         m.decide(m.exit_logits(test), p)
     with pytest.raises(ValueError, match="targets must have shape"):
         m.decide(m.exit_logits(test), p, test.labels[:-1])
     with pytest.raises(NotImplementedError, match="no streaming form"):
-        m.exit_now(0, m.exit_logits(test)[0], p, None)
+        m.stream(0, test.features[0], p, None)
     assert set(Oracle.expected_failures) == {"check_no_label_peeking", "check_causality", "check_streaming",
-                                             "check_runner_equivalence", "check_batch_invariance"}
+                                             "check_batch_invariance"}
 
 
 @pytest.mark.parametrize("name", ["threshold", "entropy", "patience"])
@@ -163,14 +164,14 @@ def test_oracle_bounds_every_method_on_the_shared_heads(ctask, fitted, name):
     static = ctask.macs.static
     o_logits = o.exit_logits(test)
     checked = 0
-    for p in m.calibrate(ctask, BUDGETS):
-        if p is None:
+    for p in resolve_points(m, ctask, BUDGETS)[:len(BUDGETS)]:
+        if p.infeasible:
             continue
         logits = m.exit_logits(test, p)
         exits = m.decide(logits, p)
         acc = (logits[exits, np.arange(len(test))].argmax(1).numpy() == test.labels).mean()
         cost = (m.costs_[exits] / static).mean()
-        o_exits = o.decide(o_logits, OperatingPoint({"budget": float(cost)}, 0.0), test.labels)
+        o_exits = o.decide(o_logits, OperatingPoint({"budget": float(cost)}), test.labels)
         o_acc = (o_logits[o_exits, np.arange(len(test))].argmax(1).numpy() == test.labels).mean()
         assert o_acc >= acc, (p, acc, o_acc)
         assert (o.costs_[o_exits] / static).mean() <= cost + 1e-12
@@ -193,7 +194,8 @@ EXPECTED = {1: [1, 2, 4, 1, 3, 1],  # t = 1: the first exit that repeats its pre
 
 def _hand_patience(k: int) -> Patience:
     m = Patience()
-    m.costs_ = np.arange(1, k + 1) * 10  # decide and exit_now need only the number of exits
+    m.costs_ = np.arange(1, k + 1) * 10  # decide and stream need only the number of exits
+    m.exit_head = lambda k, features_k, point=None: features_k  # the "features" are the exits' logits here
     return m
 
 
@@ -206,9 +208,9 @@ def test_patience_hand_case(t):
     assert patience_exits(HAND, t).tolist() == EXPECTED[t]
     m = _hand_patience(5)
     logits = _one_hot(HAND)
-    p = OperatingPoint({"patience": t}, 0.0)
+    p = OperatingPoint({"patience": t})
     assert m.decide(logits, p).tolist() == EXPECTED[t]
-    assert stream_decide(m, logits, p).tolist() == EXPECTED[t]
+    assert stream_exits(m, logits, p)[0].tolist() == EXPECTED[t]
 
 
 def test_patience_streaming_equals_decide_on_random_cases():
@@ -219,9 +221,9 @@ def test_patience_streaming_equals_decide_on_random_cases():
         m = _hand_patience(k)
         logits = _one_hot(argmax, 2)
         for t in range(1, k):
-            p = OperatingPoint({"patience": t}, 0.0)
+            p = OperatingPoint({"patience": t})
             exits = m.decide(logits, p)
-            assert np.array_equal(stream_decide(m, logits, p), exits)
+            assert np.array_equal(stream_exits(m, logits, p)[0], exits)
             # the rule, restated: the first k < K-1 closing a run of t+1 equal argmaxes, else the last exit
             for n in range(40):
                 runs = [i for i in range(t, k - 1) if len(set(argmax[i - t:i + 1, n])) == 1]
@@ -230,18 +232,19 @@ def test_patience_streaming_equals_decide_on_random_cases():
 
 def test_patience_points_budgets_and_infeasible_rows(ctask, fitted):
     m = fitted["patience"]
-    natives = m.native_points(ctask)
+    points = resolve_points(m, ctask, BUDGETS)
+    natives = points[len(BUDGETS):]
     assert [p.params for p in natives] == [{"patience": t} for t in range(1, ctask.num_exits)]
     costs = [p.val_macs_rel for p in natives]
     assert costs == sorted(costs) and costs[-1] > 1.0  # t = K-1 never exits early: the full net plus overheads
-    points = m.calibrate(ctask, BUDGETS)
+    points = points[:len(BUDGETS)]
     for b, p in zip(BUDGETS, points):
         fits = [c for c in costs if c <= b + 1e-12]
         if not fits:
-            assert p is None  # an infeasible row: no patience meets this budget
+            assert p.infeasible  # an infeasible row: no patience meets this budget
         else:
-            assert p is not None and p.val_macs_rel == max(fits)
-    assert points[0] is None and points[-1] is not None
+            assert not p.infeasible and p.budget == b and p.val_macs_rel == max(fits)
+    assert points[0].infeasible and not points[-1].infeasible
 
 
 def test_patience_cost_and_bad_points(ctask, fitted):
@@ -253,4 +256,4 @@ def test_patience_cost_and_bad_points(ctask, fitted):
         with pytest.raises(ValueError, match="patience"):
             m.decide(logits, OperatingPoint(bad, 0.0))
     with pytest.raises(ValueError, match="shape"):
-        m.decide(logits[:-1], OperatingPoint({"patience": 1}, 0.0))
+        m.decide(logits[:-1], OperatingPoint({"patience": 1}))

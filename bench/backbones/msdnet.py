@@ -15,14 +15,11 @@ classifier's pooled conv features, D = ``classifier_channels``), ``exit_logits(k
 
 Training: SGD (lr 0.1, momentum 0.9, wd 1e-4, batch 64), lr / 10 at 50 % and 75 % of the epochs, loss the
 plain sum of the per-exit cross-entropies; the checkpoint with the best validation accuracy at the last exit is
-kept. ``training="boosted"`` trains it as BoostedNet (Yu et al., AAAI 2023) instead: exit i predicts
-``F_i = f_i + boost_weight * stopgrad(F_{i-1})`` and its loss is CE(F_i); the coarsest-scale map is scaled by
-``1 / (K - i)`` in the backward pass before classifier i and by ``K - i - 1`` on its way to later blocks, so
-block i receives the average of the gradients of the K - i heads that depend on it.
+kept. BoostedNet's network (``msdnet-boosted``: boosted losses with gradient rescaling) is a subclass that
+lives next to the method, in ``methods/boostednet.py``.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -32,70 +29,58 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.backbones.base import AUGMENTATIONS, Backbone, Heads, fit_epochs, register_backbone, to_tensor
 from bench.base.errors import UserError
+from bench.base.fields import bounded, choice
+from bench.measure.flops import ExitMacs, fvcore_macs
 
 
 @dataclass
 class MSDNetConfig:
     """Everything that determines a trained MSDNet (besides data, split and seed)."""
 
-    model: str = "msdnet"
-    img_size: int = 32
-    n_blocks: int = 5
-    step_mode: str = "lin_grow"  # even | lin_grow
-    step: int = 1
-    base: int = 1
-    channels: int = 16  # of the finest scale; scale s has channels * gr_factor[s]
-    growth_rate: int = 6
-    gr_factor: tuple[int, ...] = (1, 2, 4)  # one per scale
-    bn_factor: tuple[int, ...] = (1, 2, 4)  # bottleneck width factor per scale
+    img_size: int = bounded(32, min=2)
+    n_blocks: int = bounded(5, min=1)
+    step_mode: str = choice("lin_grow", ("even", "lin_grow"))
+    step: int = bounded(1, min=1)
+    base: int = bounded(1, min=1)
+    channels: int = bounded(16, min=1)  # of the finest scale; scale s has channels * gr_factor[s]
+    growth_rate: int = bounded(6, min=1)
+    gr_factor: tuple[int, ...] = bounded((1, 2, 4), min=1, nonempty=True)  # one per scale
+    bn_factor: tuple[int, ...] = bounded((1, 2, 4), min=1, nonempty=True)  # bottleneck width factor per scale
     bottleneck: bool = True
-    prune: str = "max"  # max | min
-    reduction: float = 0.5  # transition layers' channel compression
-    classifier_channels: int = 128
-    training: str = "sum"  # sum (MSDNet) | boosted (BoostedNet)
-    boost_weight: float = 0.5  # BoostedNet: F_i = f_i + boost_weight * stopgrad(F_{i-1})
-    epochs: int = 300
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs where lr is divided by 10
-    augment: str = "crop_flip"
-    eval_batch_size: int = 512
+    prune: str = choice("max", ("max", "min"))
+    reduction: float = bounded(0.5, min=0.0, max=1.0)  # transition layers' channel compression
+    classifier_channels: int = bounded(128, min=1)
+    epochs: int = bounded(300, min=1)
+    batch_size: int = bounded(64, min=1)
+    lr: float = bounded(0.1, min=0.0)
+    momentum: float = bounded(0.9, min=0.0)
+    weight_decay: float = bounded(1e-4, min=0.0)
+    # fractions of the epochs where lr is divided by 10
+    lr_milestones: tuple[float, ...] = bounded((0.5, 0.75), min=0.0, max=1.0)
+    augment: str = choice("crop_flip", AUGMENTATIONS)
+    eval_batch_size: int = bounded(512, min=1)
 
     def replace(self, **changes) -> "MSDNetConfig":
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
         problems = []
-        if self.n_blocks < 1:
-            problems.append("n_blocks must be >= 1")
-        if self.step_mode not in ("even", "lin_grow"):
-            problems.append(f"step_mode {self.step_mode!r} is not even or lin_grow")
-        if self.prune not in ("max", "min"):
-            problems.append(f"prune {self.prune!r} is not max or min")
-        if self.training not in ("sum", "boosted"):
-            problems.append(f"training {self.training!r} is not sum or boosted")
-        if len(self.gr_factor) != len(self.bn_factor) or not self.gr_factor:
+        if len(self.gr_factor) != len(self.bn_factor):
             problems.append("gr_factor and bn_factor need one entry per scale")
         if self.img_size < 2 ** len(self.gr_factor):
             problems.append(f"img_size {self.img_size} is too small for {len(self.gr_factor)} scales")
-        if min(self.step, self.base, self.channels, self.growth_rate, self.classifier_channels, self.epochs,
-               self.batch_size) < 1:
-            problems.append("step, base, channels, growth_rate, classifier_channels, epochs and batch_size "
-                            "must be positive")
         if problems:
             raise UserError(f"MSDNet configuration is invalid: {'; '.join(problems)}. Fix the --set "
-                            "backbone.FIELD / msdnet.FIELD values.")
+                            "backbone.FIELD values.")
 
     @property
     def n_scales(self) -> int:
         return len(self.gr_factor)
 
 
-# Small defaults that train on 2 CPU cores in minutes (numbers in the README); CIFAR-size data gets the
-# published budgeted configuration.
+# Small defaults that train on 2 CPU cores in minutes; CIFAR-size data gets the published budgeted configuration.
 MSDNET_DEFAULTS: dict[str, MSDNetConfig] = {
     "digits": MSDNetConfig(img_size=16, n_blocks=4, channels=8, growth_rate=4, classifier_channels=32,
                            epochs=60, batch_size=64, lr=0.05, augment="crop"),
@@ -103,10 +88,6 @@ MSDNET_DEFAULTS: dict[str, MSDNetConfig] = {
                                   epochs=4, batch_size=64, lr=0.05, augment="none"),
     "svhn": MSDNetConfig(epochs=40, augment="crop"),
 }
-
-
-def default_msdnet_config(dataset: str) -> MSDNetConfig:
-    return copy.deepcopy(MSDNET_DEFAULTS.get(dataset, MSDNetConfig()))
 
 
 # ---- layers -----------------------------------------------------------------------------------------------
@@ -209,19 +190,6 @@ class Classifier(nn.Module):
         self.linear = nn.Linear(width, num_classes)
 
 
-class GradRescale(torch.autograd.Function):
-    """Identity forward; the backward pass multiplies the gradient by ``scale``."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
 def block_layout(cfg: MSDNetConfig) -> list[int]:
     """Layers per block: ``base``, then ``step`` (even) or ``step * k + 1`` (lin_grow) for block k >= 1."""
     return [cfg.base] + [cfg.step if cfg.step_mode == "even" else cfg.step * k + 1 for k in range(1, cfg.n_blocks)]
@@ -292,16 +260,12 @@ class MSDNet(nn.Module):
     def select(xs: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
         return [x[keep] for x in xs]
 
-    def forward(self, x: torch.Tensor, rescale_gradients: bool = False) -> list[torch.Tensor]:
-        """Every exit's own logits f_k [N, C], k = 0..K-1 (BoostedNet's ensembling happens outside)."""
-        xs, out, k_all = self.embed(x), [], self.num_exits
-        for k in range(k_all):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every exit's own logits f_k [N, C], k = 0..K-1."""
+        xs, out = self.embed(x), []
+        for k in range(self.num_exits):
             xs = self.block(k, xs)
-            if rescale_gradients:
-                xs = [*xs[:-1], GradRescale.apply(xs[-1], 1.0 / (k_all - k))]
             out.append(self.exit_logits(k, self.exit_feature(k, xs)))
-            if rescale_gradients:
-                xs = [*xs[:-1], GradRescale.apply(xs[-1], float(k_all - k - 1))]
         return out
 
     def static_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,23 +274,6 @@ class MSDNet(nn.Module):
         for k in range(self.num_exits):
             xs = self.block(k, xs)
         return self.exit_logits(self.num_exits - 1, self.exit_feature(self.num_exits - 1, xs))
-
-
-def boosted_ensemble(logits: list[torch.Tensor] | torch.Tensor, weight: float, detach: bool = False
-                     ) -> list[torch.Tensor]:
-    """BoostedNet's exit predictions F_0 = f_0, F_i = f_i + weight * F_{i-1} (F_{i-1} detached in training)."""
-    out: list[torch.Tensor] = []
-    for k in range(len(logits)):
-        if k == 0:
-            out.append(logits[0])
-        else:
-            prev = out[-1].detach() if detach else out[-1]
-            out.append(logits[k] + weight * prev)
-    return out
-
-
-def create_msdnet(cfg: MSDNetConfig, in_chans: int, num_classes: int, load_weights: bool = True) -> MSDNet:
-    return MSDNet(cfg, in_chans, num_classes)
 
 
 # ---- MACs ---------------------------------------------------------------------------------------------------
@@ -349,7 +296,6 @@ class MSDNetExitMacs:
 def msdnet_macs(model: MSDNet) -> MSDNetExitMacs:
     """Count each part with fvcore on a batch of one at the model's input size; every scale map is returned
     from the traced functions, so none is dropped as unused."""
-    from bench.measure.flops import fvcore_macs
 
     cfg = model.cfg
     x = torch.zeros(1, model.stem.convs[0][0].in_channels, cfg.img_size, cfg.img_size)
@@ -379,9 +325,7 @@ class _BlockCall(nn.Module):
 @torch.no_grad()
 def predict_exit_logits(model: MSDNet, x_uint8: np.ndarray, cfg: MSDNetConfig, device: str = "cpu"
                         ) -> torch.Tensor:
-    """Every exit's own logits [K, N, C] (BoostedNet's ensemble not applied)."""
-    from bench.backbones.vit import to_tensor
-
+    """Every exit's own logits [K, N, C]."""
     model.eval()
     out = []
     for i in range(0, len(x_uint8), cfg.eval_batch_size):
@@ -390,32 +334,73 @@ def predict_exit_logits(model: MSDNet, x_uint8: np.ndarray, cfg: MSDNetConfig, d
     return torch.cat(out, dim=1)
 
 
-def train_msdnet(cfg: MSDNetConfig, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
-                 val_y: np.ndarray, num_classes: int, seed: int, device: str = "cpu", desc: str = "msdnet"
-                 ) -> tuple[MSDNet, float, int, list[dict]]:
-    """Train end to end (the sum of per-exit CE, or BoostedNet's boosted losses with gradient rescaling);
-    keep the epoch with the best validation accuracy at the last exit (the ensemble's for BoostedNet).
-    Returns (model, val_accuracy, best_epoch, history), like ``bench.backbones.vit.train_backbone``."""
-    from bench.backbones.vit import fit_epochs
+@register_backbone("msdnet")
+class MSDNetBackbone(Backbone):
+    """MSDNet trained end to end with the plain sum of its exits' cross-entropies. Subclasses change the loss
+    (``exit_outputs``) and the prediction validated (``prediction``): BoostedNet's network (methods/boostednet)."""
 
-    torch.manual_seed(seed)
-    model = create_msdnet(cfg, train_x.shape[-1], num_classes).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_milestones})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    boosted = cfg.training == "boosted"
+    Config = MSDNetConfig
+    defaults = MSDNET_DEFAULTS
 
-    def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        outs = model(xb, rescale_gradients=boosted)
-        if boosted:
-            outs = boosted_ensemble(outs, cfg.boost_weight, detach=True)
-        return sum(F.cross_entropy(o, yb) for o in outs)
+    @classmethod
+    def validate(cls, cfg: MSDNetConfig) -> None:
+        cfg.validate()
+        cls.create(cfg, in_chans=1, num_classes=2, load_weights=False)
 
-    def validate() -> tuple[float, dict]:
-        logits = predict_exit_logits(model, val_x, cfg, device)
-        last = boosted_ensemble(logits, cfg.boost_weight)[-1] if boosted else logits[-1]
-        return float((last.argmax(1).numpy() == val_y).mean()), {
-            "val_exit_accuracy": [float(a) for a in (logits.argmax(2).numpy() == val_y).mean(1)]}
+    @classmethod
+    def create(cls, cfg: MSDNetConfig, in_chans: int, num_classes: int, load_weights: bool = True) -> MSDNet:
+        return MSDNet(cfg, in_chans, num_classes)
 
-    return fit_epochs(model, opt, cfg, train_x, train_y, seed, device, desc, batch_loss, validate,
-                      after_epoch=sched.step)
+    @classmethod
+    def exit_outputs(cls, cfg, model: MSDNet, xb: torch.Tensor) -> list[torch.Tensor]:
+        """The per-exit logits whose cross-entropies are summed in training."""
+        return model(xb)
+
+    @classmethod
+    def prediction(cls, cfg, exit_logits: torch.Tensor) -> torch.Tensor:
+        """The network's prediction [N, C] from its exits' own logits [K, N, C] (validation picks on it)."""
+        return exit_logits[-1]
+
+    @classmethod
+    def train(cls, cfg: MSDNetConfig, train_x, train_y, val_x, val_y, num_classes, seed, device="cpu",
+              desc="msdnet"):
+        """SGD with lr / 10 at the milestones; keep the epoch with the best validation accuracy of
+        ``prediction`` (the last exit)."""
+        torch.manual_seed(seed)
+        model = cls.create(cfg, train_x.shape[-1], num_classes).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_milestones})
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+
+        def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return sum(F.cross_entropy(o, yb) for o in cls.exit_outputs(cfg, model, xb))
+
+        def validate() -> tuple[float, dict]:
+            logits = predict_exit_logits(model, val_x, cfg, device)
+            return float((cls.prediction(cfg, logits).argmax(1).numpy() == val_y).mean()), {
+                "val_exit_accuracy": [float(a) for a in (logits.argmax(2).numpy() == val_y).mean(1)]}
+
+        return fit_epochs(model, opt, cfg, train_x, train_y, seed, device, desc, batch_loss, validate,
+                          after_epoch=sched.step)
+
+    @classmethod
+    def stages(cls, model: MSDNet) -> MSDNet:
+        return model  # MSDNet implements the staged forward itself
+
+    @classmethod
+    def macs(cls, model: MSDNet) -> ExitMacs:
+        """fvcore on every part (``msdnet_macs``); each classifier's convs are its exit's feature cost."""
+        m = msdnet_macs(model)
+        return ExitMacs(embed=m.stem, blocks=m.blocks, head=m.classifier_features[-1] + m.classifier_linear[-1],
+                        exit_features=m.classifier_features[:-1])
+
+    @classmethod
+    def heads(cls, model: MSDNet) -> Heads:
+        lins = [c.linear for c in model.classifiers]
+        return Heads(lins[-1].weight.detach().cpu().float(), lins[-1].bias.detach().cpu().float(),
+                     (torch.stack([lin.weight.detach().cpu().float().T for lin in lins]),
+                      torch.stack([lin.bias.detach().cpu().float() for lin in lins])))
+
+    @classmethod
+    def label(cls, cfg: MSDNetConfig) -> str:
+        return f"{cls.name}-b{cfg.n_blocks}-c{cfg.channels}-g{cfg.growth_rate}-{cfg.img_size}px"

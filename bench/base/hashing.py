@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,13 +31,30 @@ def file_digest(path: str | os.PathLike, algorithm: str) -> str:
     return h.hexdigest()
 
 
+def _create_temp(directory: Path, name: str) -> str:
+    """Create a new empty file ``directory/.NAME.<random>.tmp`` and return its path. Unlike ``tempfile.mkstemp``
+    (always mode 0600) the file is created with mode 0666 and the kernel applies the process umask (or the
+    directory's default ACL), so results and caches are as readable as any file the user creates: 0644 under
+    the usual umask 022, shareable under 002, private under 077. No umask is read (reading it means setting it,
+    which races with other threads)."""
+    for _ in range(100):
+        tmp = str(directory / f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no unused temporary name for {name} in {directory}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file, and an
-    interrupted write leaves the previous file (if any) intact."""
+    interrupted write leaves the previous file (if any) intact. The file's mode honours the umask (0644 under
+    umask 022), like a file written with ``open``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path.parent, path.name)
     try:
         write(tmp)
         with open(tmp, "rb") as f:

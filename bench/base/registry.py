@@ -26,6 +26,10 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> T:
+        """Remove a registration (for plugins defined in tests or notebooks); returns what was registered."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         if name not in self._items:
             raise UserError(unknown_name_message(self.kind, name, self.names()))

@@ -7,7 +7,8 @@ method's ``expected_failures`` ({check name: reason}): a declared failure that f
 is XPASS (reported: the declaration is stale). ``python -m bench check METHOD`` prints the results and the
 tests parametrise every check over the whole registry.
 
-Checks run over a sweep of budgets ``BUDGETS`` plus the method's native points, on ``default_task()`` (a
+Checks run over the operating points the harness resolves (``resolve_points``) for a sweep of budgets
+``BUDGETS``, plus the method's own points, on ``default_task()`` (a
 harder ``synthetic_task``) by default, and decide exactly as the harness does (``bench.pipeline.evaluate``):
 ``exit_logits(split, point)``, then ``decide(logits, point, targets)`` with targets only for a bound. A method
 fitted once (by the contract check, or by ``_fitted``) is shared by the checks that only read it; the checks
@@ -27,8 +28,8 @@ import numpy as np
 import torch
 
 from bench.base.errors import UserError
-from bench.core.interface import (METHODS, ExitMethod, OperatingPoint, create_method,
-                             stream_decide)
+from bench.base.registry import unknown_name_message
+from bench.core.interface import METHODS, ExitMethod, OperatingPoint, create_method, resolve_points, stream_exits
 from bench.core.task import SplitData, Task, synthetic_task
 
 # dense at the low end, where the cheapest operating points (and the oracle's binding budgets) live
@@ -87,8 +88,7 @@ def method_class(factory: MethodFactory) -> type[ExitMethod]:
 class _Fitted:
     method: ExitMethod
     task: Task  # held so that id(task) in the cache key stays unique while the entry lives
-    points: list[OperatingPoint | None]  # calibrate(task, BUDGETS)
-    natives: list[OperatingPoint]
+    points: list[OperatingPoint]  # resolve_points(method, task, BUDGETS): one per budget, then its own
 
 
 _CACHE: "OrderedDict[tuple, _Fitted]" = OrderedDict()
@@ -112,11 +112,11 @@ def _fitted(factory: MethodFactory, task: Task) -> _Fitted:
         return _CACHE[key]
     m = factory()
     m.fit(task)  # not ``factory().fit(task)``: a fit that forgets to return self fails the contract check only
-    return _store(factory, task, m, m.calibrate(task, BUDGETS), m.native_points(task))
+    return _store(factory, task, m, resolve_points(m, task, BUDGETS))
 
 
-def _store(factory: MethodFactory, task: Task, m: ExitMethod, points, natives) -> _Fitted:
-    f = _Fitted(m, task, list(points), list(natives))
+def _store(factory: MethodFactory, task: Task, m: ExitMethod, points) -> _Fitted:
+    f = _Fitted(m, task, list(points))
     key = _key(factory, task)
     if key is not None:
         _CACHE[key] = f
@@ -133,10 +133,13 @@ def _targets(method: ExitMethod, split: SplitData) -> np.ndarray | None:
     return split.labels if method.bound else None  # as bench.pipeline.evaluate: only a bound is given labels
 
 
+def _label(p: OperatingPoint) -> str:
+    return f"native {p.params}" if p.budget is None else f"budget={p.budget}"
+
+
 def _sweep(f: _Fitted) -> list[tuple[str, OperatingPoint]]:
-    """(label, point) for every feasible budget of the sweep and every native point."""
-    out = [(f"budget={b}", p) for b, p in zip(BUDGETS, f.points) if p is not None]
-    return out + [(f"native {p.params}", p) for p in f.natives]
+    """(label, point) for every feasible budget of the sweep and every point of the method's own."""
+    return [(_label(p), p) for p in f.points if not p.infeasible]
 
 
 def _valid_exits(exits: Any, n: int, k: int, where: str) -> np.ndarray:
@@ -161,8 +164,8 @@ def _diff(a: np.ndarray, b: np.ndarray) -> str:
     return f"{len(bad)} of {len(a)} samples differ ({head}{', ...' if len(bad) > 3 else ''})"
 
 
-def _same_points(a: Sequence[OperatingPoint | None], b: Sequence[OperatingPoint | None]) -> bool:
-    key = lambda ps: [None if p is None else (json.dumps(p.params, sort_keys=True, default=str), p.val_macs_rel)
+def _same_points(a: Sequence[OperatingPoint], b: Sequence[OperatingPoint]) -> bool:
+    key = lambda ps: [(json.dumps(p.params, sort_keys=True, default=str), p.budget, p.val_macs_rel, p.infeasible)
                       for p in ps]
     return key(a) == key(b)
 
@@ -178,8 +181,8 @@ def _first_point(f: _Fitted) -> OperatingPoint:
 
 def check_fit_contract(method_factory: MethodFactory, task: Task) -> None:
     """fit returns self; hyper-parameters round-trip; costs_ [K] non-decreasing, the last exit >= the static
-    backbone; exit_logits [K, N, C] finite; calibrate gives one JSON-able OperatingPoint or None per budget,
-    at least one feasible point exists; expected_failures name real checks, with reasons."""
+    backbone; exit_logits [K, N, C] finite; operating_points gives OperatingPoints with JSON-able params and
+    budgets from the sweep (or None); at least one feasible point exists; expected_failures name real checks."""
     m = method_factory()
     assert isinstance(m, ExitMethod), f"the factory returned {type(m).__name__}, not an ExitMethod"
     names = {c.__name__ for c in CHECKS}
@@ -205,25 +208,24 @@ def check_fit_contract(method_factory: MethodFactory, task: Task) -> None:
         assert tuple(logits.shape) == (k, len(split), c), \
             f"exit_logits({name}) has shape {tuple(logits.shape)}, expected {(k, len(split), c)}"
         assert torch.isfinite(logits).all(), f"exit_logits({name}) has NaN or infinite values"
-    points = m.calibrate(task, BUDGETS)
-    assert len(points) == len(BUDGETS), f"calibrate returned {len(points)} points for {len(BUDGETS)} budgets"
-    natives = m.native_points(task)
-    for p in list(points) + list(natives):
-        if p is None:
-            continue
-        assert isinstance(p, OperatingPoint), f"calibrate/native_points returned {type(p).__name__}"
+    candidates = m.operating_points(task, BUDGETS)
+    assert isinstance(candidates, list), f"operating_points returned {type(candidates).__name__}, not a list"
+    for p in candidates:
+        assert isinstance(p, OperatingPoint), f"operating_points returned {type(p).__name__}"
         try:
             json.dumps(p.params)
         except TypeError as e:
             raise AssertionError(f"point params {p.params!r} are not plain JSON: {e}") from None
-        assert np.isfinite(p.val_macs_rel), f"point {p.params} has val_macs_rel {p.val_macs_rel}"
-    assert any(p is not None for p in points) or natives, \
-        f"no feasible operating point for any budget in {BUDGETS} and no native point"
+        assert p.budget is None or p.budget in BUDGETS, f"point {p.params} serves budget {p.budget}, not asked for"
+    points = resolve_points(m, task, BUDGETS)
+    for p in points:
+        assert p.infeasible or np.isfinite(p.val_macs_rel), f"point {p.params} has val_macs_rel {p.val_macs_rel}"
+    assert any(not p.infeasible for p in points), f"no feasible operating point for any budget in {BUDGETS}"
     val = task.splits["val"]
-    for label, p in [(f"budget={b}", p) for b, p in zip(BUDGETS, points) if p is not None] + \
-                    [("native", p) for p in natives]:
-        _decide(m, val, p, f"val, {label}")
-    _store(method_factory, task, m, points, natives)  # the checks that only read a fitted method reuse it
+    for p in points:
+        if not p.infeasible:
+            _decide(m, val, p, f"val, {_label(p)}")
+    _store(method_factory, task, m, points)  # the checks that only read a fitted method reuse it
 
 
 def check_no_label_peeking(method_factory: MethodFactory, task: Task) -> None:
@@ -238,9 +240,9 @@ def check_no_label_peeking(method_factory: MethodFactory, task: Task) -> None:
     g_task = replace(task, splits={**task.splits, "test": g_test})
     m2 = method_factory()
     m2.fit(g_task)
-    g_points = m2.calibrate(g_task, BUDGETS)
+    g_points = resolve_points(m2, g_task, BUDGETS)
     assert _same_points(f.points, g_points), \
-        "calibrate gave different points after fitting on a task whose only change is garbage test labels " \
+        "the operating points differ after fitting on a task whose only change is garbage test labels " \
         "(if check_determinism fails too, nondeterminism may be the cause)"
     hidden = test.without_labels()
     for label, p in _sweep(f):
@@ -293,8 +295,12 @@ def check_budget_respected(method_factory: MethodFactory, task: Task) -> None:
     m, val = f.method, task.splits["val"]
     static = task.macs.static
     prev, prev_b = -np.inf, None
-    for b, p in sorted(zip(BUDGETS, f.points), key=lambda bp: bp[0]):
-        if p is None:
+    budgeted = sorted([p for p in f.points if p.budget is not None], key=lambda p: p.budget)
+    assert [p.budget for p in budgeted] == sorted(BUDGETS), \
+        f"one point per budget expected, got budgets {[p.budget for p in budgeted]}"
+    for p in budgeted:
+        b = p.budget
+        if p.infeasible:
             assert prev_b is None, f"budget {b} is infeasible although the smaller budget {prev_b} was feasible"
             continue
         cost = float((np.asarray(m.costs_)[_decide(m, val, p, f"budget={b}")] / static).mean())
@@ -303,7 +309,7 @@ def check_budget_respected(method_factory: MethodFactory, task: Task) -> None:
             f"budget={b}: the point claims val_macs_rel {p.val_macs_rel:.6f} but its decisions cost {cost:.6f}"
         assert cost >= prev - TOL, f"budget={b}: cost {cost:.6f} is below the cost {prev:.6f} at budget {prev_b}"
         prev, prev_b = cost, b
-    for p in f.natives:
+    for p in [p for p in f.points if p.budget is None]:
         cost = float((np.asarray(m.costs_)[_decide(m, val, p, f"native {p.params}")] / static).mean())
         assert abs(cost - p.val_macs_rel) <= TOL, \
             f"native {p.params}: claims val_macs_rel {p.val_macs_rel:.6f} but its decisions cost {cost:.6f}"
@@ -347,14 +353,11 @@ def check_determinism(method_factory: MethodFactory, task: Task) -> None:
     a = f.method
     b = method_factory()
     b.fit(replace(task, key=task.key + "#determinism"))
-    pa, pb = f.points, b.calibrate(task, BUDGETS)
-    assert _same_points(pa, pb), f"two fits calibrate differently: {pa} vs {pb}"
-    na, nb = f.natives, b.native_points(task)
-    assert _same_points(na, nb), f"two fits give different native points: {na} vs {nb}"
+    pa, pb = f.points, resolve_points(b, task, BUDGETS)
+    assert _same_points(pa, pb), f"two fits give different operating points: {pa} vs {pb}"
     test = task.splits["test"]
     assert torch.equal(a.exit_logits(test), b.exit_logits(test)), "two fits give different exit logits"
-    for label, p in [(f"budget={bud}", p) for bud, p in zip(BUDGETS, pa) if p is not None] + \
-                    [(f"native {p.params}", p) for p in na]:
+    for label, p in _sweep(f):
         ea, eb = _decide(a, test, p, label), _decide(b, test, p, label)
         assert np.array_equal(ea, eb), f"{label}: two fits decide differently: {_diff(ea, eb)}"
 
@@ -368,7 +371,8 @@ def check_pickle_round_trip(method_factory: MethodFactory, task: Task) -> None:
         raise AssertionError(f"a fitted {type(f.method).__name__} does not pickle: {type(e).__name__}: {e}") \
             from None
     assert type(clone) is type(f.method), f"unpickled as {type(clone).__name__}"
-    assert _same_points(clone.calibrate(task, BUDGETS), f.points), "the unpickled method calibrates differently"
+    assert _same_points(resolve_points(clone, task, BUDGETS), f.points), \
+        "the unpickled method gives different operating points"
     test = task.splits["test"]
     for label, p in _sweep(f):
         assert torch.equal(clone.exit_logits(test, p), f.method.exit_logits(test, p)), \
@@ -378,60 +382,26 @@ def check_pickle_round_trip(method_factory: MethodFactory, task: Task) -> None:
 
 
 def check_streaming(method_factory: MethodFactory, task: Task) -> None:
-    """The streaming form (``exit_now`` through ``stream_decide``: exit by exit, survivors only, state
-    compacted) equals ``decide`` on the same logits at every point of the sweep."""
+    """The real runner's path without the backbone (``stream_exits``): at each exit k, ``stream`` on the
+    survivors' exit-k features, then compaction of the survivors and their state. The logits each sample leaves
+    with equal ``exit_logits``'s at its exit (to 1e-5) and the exits equal ``decide``'s, at every point of the
+    sweep."""
     f = _fitted(method_factory, task)
     m, test = f.method, task.splits["test"]
     for label, p in _sweep(f):
         logits = m.exit_logits(test, p)
         exits = _decide(m, test, p, label, logits)
         try:
-            streamed = stream_decide(m, logits, p)
+            got, left_with = stream_exits(m, test.features, p)
         except Exception as e:
             raise AssertionError(f"{label}: streaming failed: {type(e).__name__}: {e}") from None
-        assert np.array_equal(streamed, exits), f"{label}: streaming differs from decide: {_diff(streamed, exits)}"
-
-
-def check_runner_equivalence(method_factory: MethodFactory, task: Task) -> None:
-    """The real runner's path without the backbone (``bench.pipeline.runner``): after each exit k, ``stream_head`` on the
-    survivors' exit-k features, then (k < K-1) ``exit_now``, then compaction. Its logits equal
-    ``exit_logits``'s (to 1e-5) at every exit, the last included, and its exits equal ``decide``'s, at every
-    point of the sweep."""
-    f = _fitted(method_factory, task)
-    m, test = f.method, task.splits["test"]
-    n, k_exits = len(test), len(m.costs_)
-    for label, p in _sweep(f):
-        logits = m.exit_logits(test, p)
-        exits = _decide(m, test, p, label, logits)
-        got = np.full(n, k_exits - 1, dtype=np.int64)
-        alive = np.arange(n)
-        state = None
-        for k in range(k_exits):
-            if len(alive) == 0:
-                break
-            rows = torch.from_numpy(alive)
-            try:
-                head, state = m.stream_head(k, test.features[k, rows], p, state)
-            except Exception as e:
-                raise AssertionError(f"{label}: stream_head({k}) failed: {type(e).__name__}: {e}") from None
-            want = logits[k, rows]
-            assert tuple(head.shape) == tuple(want.shape), \
-                f"{label}: stream_head({k}) has shape {tuple(head.shape)}, expected {tuple(want.shape)}"
-            assert torch.allclose(head.float(), want.float(), atol=1e-5, rtol=1e-5), \
-                f"{label}: stream_head({k}) on the survivors differs from exit_logits[{k}] by up to " \
-                f"{(head.float() - want.float()).abs().max().item():.3g}"
-            if k == k_exits - 1:
-                break
-            try:
-                mask, state = m.exit_now(k, head, p, state)
-            except Exception as e:
-                raise AssertionError(f"{label}: exit_now({k}) failed: {type(e).__name__}: {e}") from None
-            mask = np.asarray(mask, dtype=bool)
-            assert mask.shape == (len(alive),), f"{label}: exit_now({k}) returned a mask of shape {mask.shape}"
-            got[alive[mask]] = k
-            alive = alive[~mask]
-            state = {key: np.asarray(v)[~mask] for key, v in (state or {}).items()}
-        assert np.array_equal(got, exits), f"{label}: the runner's exits differ from decide: {_diff(got, exits)}"
+        assert np.array_equal(got, exits), f"{label}: streaming differs from decide: {_diff(got, exits)}"
+        want = logits[torch.from_numpy(exits), torch.arange(len(test))]
+        assert tuple(left_with.shape) == tuple(want.shape), \
+            f"{label}: stream's logits have shape {tuple(left_with.shape)}, expected {tuple(want.shape)}"
+        assert torch.allclose(left_with.float(), want.float(), atol=1e-5, rtol=1e-5), \
+            f"{label}: the logits stream leaves with differ from exit_logits by up to " \
+            f"{(left_with.float() - want.float()).abs().max().item():.3g}"
 
 
 _CLEAR = (UserError, ValueError)  # NotFittedError is a UserError
@@ -450,11 +420,11 @@ def _raises_clearly(call: Callable[[], Any], allowed: tuple[type[BaseException],
 
 
 def check_unfitted_errors(method_factory: MethodFactory, task: Task) -> None:
-    """An unfitted method refuses ``calibrate`` and ``exit_logits`` with NotFittedError / UserError /
+    """An unfitted method refuses ``operating_points`` and ``exit_logits`` with NotFittedError / UserError /
     ValueError and a message (not an AttributeError, not a silent answer)."""
     m = method_factory()
     problems = []
-    for what, call in (("calibrate", lambda: m.calibrate(task, [0.5])),
+    for what, call in (("operating_points", lambda: m.operating_points(task, [0.5])),
                        ("exit_logits", lambda: m.exit_logits(task.splits["test"]))):
         got = _raises_clearly(call, _CLEAR)
         if got is not None:
@@ -488,8 +458,8 @@ def check_bad_inputs(method_factory: MethodFactory, task: Task) -> None:
 
 CHECKS: list[Callable[[MethodFactory, Task], None]] = [
     check_fit_contract, check_no_label_peeking, check_causality, check_budget_respected, check_order_invariance,
-    check_batch_invariance, check_determinism, check_pickle_round_trip, check_streaming, check_runner_equivalence,
-    check_unfitted_errors, check_bad_inputs,
+    check_batch_invariance, check_determinism, check_pickle_round_trip, check_streaming, check_unfitted_errors,
+    check_bad_inputs,
 ]
 CHECK_NAMES: list[str] = [c.__name__ for c in CHECKS]
 
@@ -537,6 +507,5 @@ def _run_one(check: Callable[[MethodFactory, Task], None], factory: MethodFactor
 def _check_by_name(name: str) -> Callable[[MethodFactory, Task], None]:
     by_name = {c.__name__: c for c in CHECKS}
     if name not in by_name:
-        from bench.base.registry import unknown_name_message
         raise UserError(unknown_name_message("check", name, sorted(by_name)))
     return by_name[name]

@@ -1,37 +1,44 @@
-"""The one exit interface every method implements, and the method registry.
+"""The one exit interface every method implements, the method registry, and the harness's operating points.
 
-Contract (DESIGN.md):
+The contract, five methods (DESIGN.md):
 - ``fit(task)`` learns from the train split, may use val for model selection; never test labels. Returns self.
+  Afterwards ``costs_`` [K] holds the cumulative MACs per image of leaving at each exit, heads and decisions
+  included.
+- ``operating_points(task, budgets)`` -> the method's points (``OperatingPoint``): a point without a budget is
+  one of the method's own (a lambda, a patience); a point with a budget is a rule calibrated to that budget
+  (score rules get this from the harness's shared calibration, ``ScoreExitMethod``). The harness alone turns
+  them into one point per budget (``resolve_points``: it measures every point's validation cost and picks, per
+  budget, the method's own point with the largest validation cost within it).
 - ``exit_logits(split, point=None)`` -> [K, N, C]: the prediction available at each exit (a method whose heads
   depend on the operating point, like JEI-DNN's per-lambda heads, reads ``point``).
-- ``costs_`` (after fit) -> [K] cumulative MACs per image of leaving at each exit, heads and decisions included.
-- ``calibrate(task, budgets)`` -> one ``OperatingPoint`` (or None: infeasible) per budget, chosen on val.
-- ``native_points(task)`` -> the method's own operating points (e.g. one per lambda), reported with no budget.
 - ``decide(logits, point, targets=None)`` -> exit index [N]; row k of any score uses exits 0..k only. Only a
   bound (``bound = True``, the oracle) may read ``targets``.
-- ``stream_head(k, features_k, point, state)`` -> (logits [N_k, C], state): what the real runner evaluates at
-  exit k (every k, the last included) on the survivors' features; by default ``exit_head`` and the state
-  unchanged. A method whose exit-k prediction uses earlier exits (BoostedNet's ensemble) keeps them in state.
-- ``exit_now(k, logits_k, point, state)`` -> (mask [N_k], state): the streaming form used by the real runner:
-  called at exit k < K-1 with the logits of the N_k samples still running; ``state`` is None at k = 0, else
-  the dict of per-sample arrays returned at k-1 with the leavers' rows removed. Must equal ``decide``.
+- ``stream(k, features_k, point, state)`` -> (logits [N_k, C], leave [N_k] bool, state): the real runner's
+  form, called at every exit k with the exit-k features of the N_k samples still running; ``state`` is None at
+  k = 0, else the dict of per-sample arrays returned at k-1 with the leavers' rows removed. Its logits must
+  equal ``exit_logits(...)[k]`` on those rows and its exits ``decide``'s (``leave`` is ignored at the last
+  exit, which takes everyone left).
 
-Methods are dataclasses: hyper-parameters are fields stored as given (``--set METHOD.FIELD=VALUE`` sets
-them), fitted state ends in ``_`` (scikit-learn's convention).
+Methods are dataclasses: hyper-parameters are fields stored as given (``--set METHOD.FIELD=VALUE`` sets them,
+typed and range-checked by ``bench.base.fields``), fitted state ends in ``_`` (scikit-learn's convention).
+``networks`` maps the run's backbone to the backbone the method's jobs run on when it brings its own network
+(``{"*": "msdnet"}``); most methods run on the run's backbone.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 
-from bench.measure.calibration import calibrate_thresholds, first_exit
 from bench.base.errors import UserError
+from bench.base.fields import check_fields, check_instance, choice
 from bench.base.registry import Registry
 from bench.core.task import SplitData, Task
+from bench.measure.calibration import SCHEMES, calibrate_thresholds, first_exit, select_budget
 
 METHODS: Registry[type["ExitMethod"]] = Registry("method")
 
@@ -47,7 +54,9 @@ def register_method(name: str):
 @dataclass(frozen=True)
 class OperatingPoint:
     params: dict[str, Any]  # JSON-able: what the rule needs (e.g. {"threshold": 0.93})
-    val_macs_rel: float  # mean validation cost / static backbone MACs
+    budget: float | None = None  # the budget this point serves; None: one of the method's own points
+    val_macs_rel: float = math.nan  # mean validation cost / static backbone MACs, measured by the harness
+    infeasible: bool = False  # no point of the method fits this budget
 
 
 class NotFittedError(UserError):
@@ -60,52 +69,43 @@ class ExitMethod:
     bound: ClassVar[bool] = False  # an upper bound (reads labels), not a deployable method
     # conformance checks this method fails by nature: {check name: the reason}
     expected_failures: ClassVar[dict[str, str]] = {}
-    # exit_logits(split, point) may differ between operating points (JEI-DNN trains heads per lambda), so the
-    # harness recomputes them per point unless a method declares its heads shared by every point
-    logits_depend_on_point: ClassVar[bool] = True
+    # the run's backbone -> the backbone this method's jobs run on ("*": any); empty: the run's backbone
+    networks: ClassVar[dict[str, str]] = {}
 
-    @classmethod
-    def backbone_for(cls, run_backbone: str) -> str:
-        """The network this method's jobs run on, given the run's (``vit`` or ``msdnet``; bench.pipeline.run.BACKBONE_KINDS).
-        Most methods take the run's; a method that brings its own network (``msdnet``) names it."""
-        return run_backbone
-
+    # -- the contract ----------------------------------------------------------------------------------------
     def fit(self, task: Task) -> "ExitMethod":
+        raise NotImplementedError
+
+    def operating_points(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint]:
         raise NotImplementedError
 
     def exit_logits(self, split: SplitData, point: OperatingPoint | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def calibrate(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint | None]:
+    def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
+               ) -> np.ndarray:
         raise NotImplementedError
 
-    def native_points(self, task: Task) -> list[OperatingPoint]:
-        return []
+    def stream(self, k: int, features_k: torch.Tensor, point: OperatingPoint, state: dict | None
+               ) -> tuple[torch.Tensor, np.ndarray, dict]:
+        raise NotImplementedError(f"{self.name} has no streaming form")
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    @classmethod
+    def backbone_for(cls, run_backbone: str) -> str:
+        """The backbone this method's jobs run on, given the run's."""
+        return cls.networks.get(run_backbone, cls.networks.get("*", run_backbone))
 
     def exit_head(self, k: int, features_k: torch.Tensor, point: OperatingPoint | None = None) -> torch.Tensor:
-        """Logits [N, C] of exit k from that exit's features [N, D] alone: what the real runner evaluates.
-        This generic form places the features in slot k of an otherwise empty [K, N, D] tensor; methods with
-        cheaper direct heads override it (it must equal ``exit_logits(...)[k]``)."""
+        """Logits [N, C] of exit k from that exit's features [N, D] alone. This generic form places the features
+        in slot k of an otherwise empty [K, N, D] tensor; methods with direct heads override it (it must equal
+        ``exit_logits(...)[k]``)."""
         k_exits = len(self.costs_)
         feats = features_k.new_zeros((k_exits, *features_k.shape))
         feats[k] = features_k
         n = features_k.shape[0]
         return self.exit_logits(SplitData(feats, None, np.arange(n)), point)[k]
 
-    def stream_head(self, k: int, features_k: torch.Tensor, point: OperatingPoint | None, state: dict | None
-                    ) -> tuple[torch.Tensor, dict | None]:
-        """Exit k's logits [N_k, C] on the runner's path; must equal ``exit_logits(...)[k]`` on those rows."""
-        return self.exit_head(k, features_k, point), state
-
-    def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
-               ) -> np.ndarray:
-        raise NotImplementedError
-
-    def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint, state: dict | None
-                 ) -> tuple[np.ndarray, dict]:
-        raise NotImplementedError
-
-    # -- helpers ---------------------------------------------------------------------------------------------
     def check_fitted(self) -> None:
         if not hasattr(self, "costs_"):
             raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit(task) first.")
@@ -119,7 +119,7 @@ class ExitMethod:
             raise ValueError(f"{self.name}.{who}: expected per-exit logits of shape [K={k}, N, C], got {shape}.")
 
     @staticmethod
-    def check_exit_logits(logits_k: torch.Tensor, who: str = "exit_now") -> None:
+    def check_exit_logits(logits_k: torch.Tensor, who: str = "stream") -> None:
         """One exit's logits must be a tensor [N_k, C]."""
         if not isinstance(logits_k, torch.Tensor) or logits_k.ndim != 2:
             raise ValueError(f"{who}: expected one exit's logits of shape [N_k, C], got "
@@ -130,33 +130,51 @@ class ExitMethod:
 
     @classmethod
     def from_params(cls, overrides: dict[str, Any]) -> "ExitMethod":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise UserError(f"--set {cls.name}.{unknown[0]}: {cls.name} has no field {unknown[0]!r}. "
-                            f"Fields: {', '.join(sorted(names)) or '(none)'}.")
-        return cls(**overrides)
+        """A method from ``--set`` values: each field typed and range-checked (UserError naming it)."""
+        method = cls(**check_fields(cls, cls.name, overrides))
+        check_instance(method, cls.name)
+        return method
 
 
 def create_method(name: str, overrides: dict[str, Any] | None = None) -> ExitMethod:
     return METHODS.get(name).from_params(overrides or {})
 
 
+def validation_cost(method: ExitMethod, task: Task, point: OperatingPoint) -> float:
+    """Mean validation cost of a point's decisions, relative to the static backbone."""
+    val = task.splits["val"]
+    exits = method.decide(method.exit_logits(val, point), point, val.labels if method.bound else None)
+    return float((np.asarray(method.costs_)[np.asarray(exits)] / task.macs.static).mean())
+
+
+def resolve_points(method: ExitMethod, task: Task, budgets: Sequence[float]) -> list[OperatingPoint]:
+    """The harness's operating points of a fitted method: one per budget, in order (``infeasible`` where nothing
+    fits), then the method's own points (``budget`` None). Every point's validation cost is measured here; a
+    budget takes the method's point calibrated to it if there is one, else, among the method's own points, the
+    one with the largest validation cost within the budget (the first on ties)."""
+    method.check_fitted()
+    candidates = method.operating_points(task, budgets)
+    measured = [dataclasses.replace(p, val_macs_rel=validation_cost(method, task, p)) for p in candidates]
+    own = [p for p in measured if p.budget is None]
+    out = []
+    for b in budgets:
+        calibrated = [p for p in measured if p.budget is not None and p.budget == b]
+        if calibrated:
+            out.append(calibrated[0])
+            continue
+        i = select_budget([p.val_macs_rel for p in own], [b])[0]
+        out.append(OperatingPoint({}, b, infeasible=True) if i is None else dataclasses.replace(own[i], budget=b))
+    return out + own
+
+
 @dataclass
 class ScoreExitMethod(ExitMethod):
     """A rule "leave at the first exit whose score reaches its exit's threshold", with the harness's budget
     calibration (``scheme``: ``shared``, one threshold for every exit, or ``geometric``, MSDNet's per-exit
-    thresholds from target exit shares proportional to r^k; bench.measure.calibration). Subclasses define ``score``
-    (higher = more confident) and how the per-exit logits are made."""
+    thresholds from target exit shares proportional to r^k; bench.measure.calibration). Subclasses define
+    ``score`` (higher = more confident), ``decision_macs`` and how the per-exit logits are made."""
 
-    scheme: str = "shared"
-
-    def __post_init__(self):
-        from bench.measure.calibration import SCHEMES
-
-        if self.scheme not in SCHEMES:
-            raise UserError(f"--set {self.name}.scheme={self.scheme}: the calibration scheme must be one of "
-                            f"{', '.join(SCHEMES)}.")
+    scheme: str = choice("shared", SCHEMES)
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-exit scores [..., ] from logits [..., C]; must depend on that exit's logits only."""
@@ -167,25 +185,16 @@ class ScoreExitMethod(ExitMethod):
         raise NotImplementedError
 
     def scores(self, logits: torch.Tensor) -> np.ndarray:
-        """Scores [K, N] (or [N] for one exit's logits), memoised for the last few logits tensors seen (by
-        identity), since the harness decides many operating points on the same outputs of a few splits."""
-        memo = self.__dict__.setdefault("_scores_memo", [])
-        for seen, scores in memo:
-            if seen is logits:
-                return scores
-        scores = self.score(logits.double()).numpy()
-        memo[:] = [*memo[-3:], (logits, scores)]
-        return scores
+        """Scores [K, N] (or [N] for one exit's logits), float64."""
+        return self.score(logits.double()).numpy()
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_scores_memo"}
-
-    def calibrate(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint | None]:
+    def operating_points(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint]:
+        """One point per feasible budget from the harness's shared calibration on validation."""
         self.check_fitted()
         val = self.scores(self.exit_logits(task.splits["val"]))
         costs_rel = self.costs_ / task.macs.static
-        return [None if r is None else OperatingPoint(r[0], r[1])
-                for r in calibrate_thresholds(self.scheme, val, costs_rel, budgets)]
+        return [OperatingPoint(r[0], b) for b, r in zip(budgets, calibrate_thresholds(self.scheme, val, costs_rel,
+                                                                                       budgets)) if r is not None]
 
     @staticmethod
     def _threshold(point: OperatingPoint, k: int | None = None):
@@ -197,26 +206,34 @@ class ScoreExitMethod(ExitMethod):
         self.check_logits(logits)
         return first_exit(self.scores(logits), self._threshold(point))
 
-    def exit_now(self, k: int, logits_k: torch.Tensor, point: OperatingPoint, state: dict | None
-                 ) -> tuple[np.ndarray, dict]:
-        self.check_exit_logits(logits_k, f"{self.name}.exit_now")
-        return self.scores(logits_k) >= self._threshold(point, k), dict(state or {})
+    def stream(self, k: int, features_k: torch.Tensor, point: OperatingPoint, state: dict | None
+               ) -> tuple[torch.Tensor, np.ndarray, dict]:
+        logits = self.exit_head(k, features_k, point)
+        return logits, self.scores(logits) >= self._threshold(point, k), dict(state or {})
 
 
-def stream_decide(method: ExitMethod, logits: torch.Tensor, point: OperatingPoint) -> np.ndarray:
-    """Exit indices [N] obtained the way the real runner obtains them: exit by exit, asking ``exit_now`` about
-    the samples still running only, and compacting the survivors (and their state) after every exit."""
-    k_exits, n = logits.shape[:2]
+def stream_exits(method: ExitMethod, features: torch.Tensor, point: OperatingPoint
+                 ) -> tuple[np.ndarray, torch.Tensor]:
+    """The real runner's path on cached features [K, N, D]: exit by exit, ``stream`` on the samples still
+    running only, the leavers' rows (and state) removed after every exit. Returns (exits [N], the logits [N, C]
+    each sample left with)."""
+    k_exits, n = features.shape[:2]
     exits = np.full(n, k_exits - 1, dtype=np.int64)
+    out: torch.Tensor | None = None
     alive = np.arange(n)
     state: dict | None = None
-    for k in range(k_exits - 1):
+    for k in range(k_exits):
         if len(alive) == 0:
             break
-        mask, state = method.exit_now(k, logits[k, torch.from_numpy(alive)], point, state)
-        mask = np.asarray(mask, dtype=bool)
-        assert mask.shape == (len(alive),), (mask.shape, len(alive))
-        exits[alive[mask]] = k
-        alive = alive[~mask]
-        state = {key: np.asarray(v)[~mask] for key, v in (state or {}).items()}
-    return exits
+        logits, leave, state = method.stream(k, features[k, torch.from_numpy(alive)], point, state)
+        leave = np.ones(len(alive), dtype=bool) if k == k_exits - 1 else np.asarray(leave, dtype=bool)
+        if leave.shape != (len(alive),):
+            raise ValueError(f"{method.name}.stream({k}) returned a mask of shape {leave.shape}, expected "
+                             f"({len(alive)},)")
+        if out is None:
+            out = torch.zeros(n, logits.shape[1], dtype=torch.float32)
+        out[alive[leave]] = logits[torch.from_numpy(leave)].float()
+        exits[alive[leave]] = k
+        alive = alive[~leave]
+        state = {key: np.asarray(v)[~leave] for key, v in (state or {}).items()}
+    return exits, out

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from bench.measure.flops import ViTMacs, linear_macs
+from bench.measure.flops import ExitMacs, linear_macs
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Task:
     splits: dict[str, SplitData]  # train, val, cal, test
     head_weight: torch.Tensor  # [C, D] the backbone's classifier (the last exit)
     head_bias: torch.Tensor  # [C]
-    macs: ViTMacs  # per-image MACs of the static backbone, per block
+    macs: ExitMacs  # per-image MACs of the static backbone, per block
     key: str  # identifies the frozen backbone + split: methods may cache on it
     split_sha256: str = ""
     backbone: str = "vit"  # vit | msdnet | msdnet-boosted (bench.pipeline.run.BACKBONE_KINDS)
@@ -95,6 +95,6 @@ def synthetic_task(num_exits: int = 4, n: int = 400, dim: int = 16, num_classes:
     w = torch.tensor(means, dtype=torch.float32) / noise
     b = -0.5 * (w * torch.tensor(means, dtype=torch.float32)).sum(1) / noise
     per_block = 1000 * dim
-    macs = ViTMacs(embed=100 * dim, blocks=tuple([per_block] * num_exits), head=dim * num_classes)
+    macs = ExitMacs(embed=100 * dim, blocks=tuple([per_block] * num_exits), head=dim * num_classes)
     key = f"synthetic-{seed}-{n}-{num_exits}-{dim}-{num_classes}-{noise}"
     return Task("synthetic", seed, num_classes, splits, w, b, macs, key=key, split_sha256="synthetic")

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ViTMacs",
+    "ExitMacs",
     "analytic_vit_macs",
     "fvcore_vit_macs",
     "torch_vit_macs",
@@ -76,7 +76,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ViTMacs:
+class ExitMacs:
     """Per-image MACs of a ViT, broken down the way early exits need it."""
 
     embed: int  # patch embedding conv (per image); MSDNet: its stem
@@ -169,7 +169,7 @@ def _head_macs(head: nn.Module) -> int:
     raise NotImplementedError(f"unsupported classifier head {type(head).__name__}")
 
 
-def analytic_vit_macs(model: nn.Module) -> ViTMacs:
+def analytic_vit_macs(model: nn.Module) -> ExitMacs:
     """Closed-form per-image MACs of a timm ``VisionTransformer`` (the arbiter for the other counters).
 
     Reads everything from the module: the patch-embedding conv (kernel, stride, padding, channels) at
@@ -187,7 +187,7 @@ def analytic_vit_macs(model: nn.Module) -> ViTMacs:
     if getattr(model.patch_embed, "num_patches", grid[0] * grid[1]) != grid[0] * grid[1]:
         raise ValueError(f"patch_embed.num_patches={model.patch_embed.num_patches} but conv grid is {grid}")
     blocks = tuple(_block_macs(b, n_tokens) for b in model.blocks)
-    return ViTMacs(embed=int(embed), blocks=blocks, head=_head_macs(model.head))
+    return ExitMacs(embed=int(embed), blocks=blocks, head=_head_macs(model.head))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -376,9 +376,9 @@ def fvcore_macs(fn_or_module: Callable[..., Any] | nn.Module, inputs: Any, *, sd
             return int(_fvcore_analysis(wrapper, inputs, sdpa_handle).total())
 
 
-def _split(model: nn.Module, per_module: dict[str, int], total: int, tool: str) -> ViTMacs:
+def _split(model: nn.Module, per_module: dict[str, int], total: int, tool: str) -> ExitMacs:
     depth = len(model.blocks)
-    out = ViTMacs(
+    out = ExitMacs(
         embed=int(per_module.get("patch_embed", 0)),
         blocks=tuple(int(per_module.get(f"blocks.{i}", 0)) for i in range(depth)),
         head=int(per_module.get("head", 0)),
@@ -389,7 +389,7 @@ def _split(model: nn.Module, per_module: dict[str, int], total: int, tool: str) 
     return out
 
 
-def fvcore_vit_macs(model: nn.Module, *, sdpa_handle: bool = True, fused_attn: bool | None = None) -> ViTMacs:
+def fvcore_vit_macs(model: nn.Module, *, sdpa_handle: bool = True, fused_attn: bool | None = None) -> ExitMacs:
     """Per-image MACs of a timm ViT by fvcore (batch of 1 at the model's own input size).
 
     Attention is counted by the ``aten::scaled_dot_product_attention`` handle when timm's fused attention is
@@ -422,7 +422,7 @@ def _torch_custom_mapping() -> dict[Any, Any]:
     return mapping
 
 
-def torch_vit_macs(model: nn.Module, *, unfuse_attention: bool = True) -> ViTMacs:
+def torch_vit_macs(model: nn.Module, *, unfuse_attention: bool = True) -> ExitMacs:
     """Per-image MACs of a timm ViT by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2).
 
     By default timm's fused attention is switched off for the call (restored afterwards) so the counter

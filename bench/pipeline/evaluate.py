@@ -39,16 +39,13 @@ def prediction_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, floa
 
 
 class _Outputs:
-    """Per-exit logits and float64 softmax per (split, operating point), computed once per evaluation; a
-    method that declares its logits the same for every point (``logits_depend_on_point = False``) shares one
-    copy across points."""
+    """Per-exit logits and float64 softmax per (split, operating point), computed once per evaluation."""
 
     def __init__(self, method: ExitMethod, task: Task):
         self.method, self.task, self._cache = method, task, {}
 
     def __call__(self, split_name: str, point: OperatingPoint | None) -> tuple[torch.Tensor, np.ndarray]:
-        per_point = point is not None and self.method.logits_depend_on_point
-        key = (split_name, canonical_json(point.params) if per_point else None)
+        key = (split_name, None if point is None else canonical_json(point.params))
         if key not in self._cache:
             logits = self.method.exit_logits(self.task.splits[split_name], point)
             if not torch.isfinite(logits).all():
@@ -57,15 +54,13 @@ class _Outputs:
         return self._cache[key]
 
 
-def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPoint | None],
-                    budgets: Sequence[float], splits: Sequence[str] = EVAL_SPLITS
-                    ) -> tuple[list[dict], list[dict]]:
-    """Metric rows and per-sample decision rows for every budget on every split, plus the method's native
-    operating points (budget left empty)."""
+def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPoint],
+                    splits: Sequence[str] = EVAL_SPLITS) -> tuple[list[dict], list[dict]]:
+    """Metric rows and per-sample decision rows for every operating point (``resolve_points``: one per budget,
+    then the method's own points, whose budget is left empty) on every split."""
     rows: list[dict] = []
     decisions: list[dict] = []
     base_params = method.params()
-    native = method.native_points(task)
     outputs = _Outputs(method, task)
     for split_name in splits:
         split = task.splits[split_name]
@@ -75,8 +70,9 @@ def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPo
             rows.append(metric_row(split_name, task.seed, method.name, base_params, None, "head_accuracy",
                                    M.accuracy(probs[k].argmax(1), split.labels), n, k))
         targets = split.labels if method.bound else None
-        for budget, point in [(b, p) for b, p in zip(budgets, points)] + [(None, p) for p in native]:
-            if point is None:
+        for point in points:
+            budget = point.budget
+            if point.infeasible:
                 params = {**base_params, "infeasible": True}
                 for metric in ("accuracy", "macs", "macs_rel", "ece"):
                     rows.append(metric_row(split_name, task.seed, method.name, params, budget, metric,

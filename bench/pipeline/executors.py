@@ -1,21 +1,25 @@
 """Where the jobs of a sweep run: in this process (``sequential``, the default), on a local process pool
 (``local``, ``--workers N``) or on a Dask distributed cluster (``dask``, ``--scheduler tcp://HOST:PORT``).
 
-Each finished job is written atomically to ``OUT/jobs/seed<S>-<method>.pkl`` (with the run id), so an
+Each finished job is written atomically to ``OUT/jobs/seed<S>-<method>.npz`` (with the run id), so an
 interrupted run (Ctrl-C, kill -9, a dead worker) loses only unfinished jobs, and rerunning the same command
-skips finished ones. Failed jobs are retried ``--retries`` times, then reported together; the run exits 1.
-Dask workers must see the same ``--cache-dir`` (a shared filesystem): the splits, backbones and features are
-built before any job is submitted, and jobs only read them.
+skips finished ones. A job file is data only (JSON text and plain numeric/string arrays, read with
+``allow_pickle=False``): nothing read back from a run folder can execute code, and a damaged or foreign file
+is reported and its job recomputed. Failed jobs are retried ``--retries`` times, then reported together; the
+run exits 1. Dask workers must see the same ``--cache-dir`` (a shared filesystem): the splits, backbones and
+features are built before any job is submitted, and jobs only read them. Workers import ``bench`` wherever
+they start: install the project (``make setup`` runs ``pip install -e .``) in their environment.
 """
 from __future__ import annotations
 
+import json
 import logging
-import pickle
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from bench.base.errors import UserError
@@ -32,42 +36,138 @@ class JobFailures(UserError):
     exit_code = 1
 
 
+JOB_FILE_FORMAT = 1
+_ARRAY_KINDS = "biufU"  # bool, signed/unsigned int, float, unicode: arrays that load without pickle
+
+
 def job_path(jobs_dir: Path, job: Job) -> Path:
-    return Path(jobs_dir) / f"seed{job[0]}-{job[1]}.pkl"
+    return Path(jobs_dir) / f"seed{job[0]}-{job[1]}.npz"
 
 
-def load_finished(path: Path, run_id: str) -> dict | None:
-    """A finished job's result if its file is intact and belongs to this run; None otherwise."""
+def _scalar(value, where: str):
+    """``value`` as a JSON scalar (str, int, float, bool or None); numpy scalars become their Python values."""
+    if isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0:
+        value = value.item()
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(f"{where} is a {type(value).__name__}; a job result holds only str/int/float/bool/None "
+                    "values and 1-D numpy arrays")
+
+
+def _array(value, where: str) -> np.ndarray:
+    if value.dtype == object and all(isinstance(v, str) for v in value):
+        value = value.astype(str)  # string sample ids kept as a unicode array (object arrays need pickle)
+    if value.ndim != 1 or value.dtype.kind not in _ARRAY_KINDS:
+        raise TypeError(f"{where} is a {value.ndim}-D {value.dtype} array; a job result holds only 1-D arrays of "
+                        "bools, numbers or strings")
+    return value
+
+
+def encode_result(run_id: str, job: Job, result: dict) -> dict[str, np.ndarray]:
+    """The arrays of a job file: ``meta`` (UTF-8 JSON: run id, job, metric rows, the scalar fields of each
+    decision block) and one entry per decision array."""
+    rows = []
+    for i, row in enumerate(result["rows"]):
+        rows.append({str(k): _scalar(v, f"rows[{i}][{k!r}]") for k, v in row.items()})
+    decisions, arrays = [], {}
+    for i, block in enumerate(result["decisions"]):
+        spec = {"keys": [str(k) for k in block], "scalars": {}, "arrays": {}}
+        for k, v in block.items():
+            if isinstance(v, np.ndarray) and v.ndim > 0:
+                name = f"d{i}_{len(spec['arrays'])}"
+                arrays[name] = _array(v, f"decisions[{i}][{k!r}]")
+                spec["arrays"][str(k)] = name
+            else:
+                spec["scalars"][str(k)] = _scalar(v, f"decisions[{i}][{k!r}]")
+        decisions.append(spec)
+    extra = sorted(set(result) - {"rows", "decisions"})
+    if extra:
+        raise TypeError(f"a job result holds only 'rows' and 'decisions', not {extra}")
+    meta = {"format": JOB_FILE_FORMAT, "run_id": run_id, "job": [int(job[0]), str(job[1])], "rows": rows,
+            "decisions": decisions}
+    text = json.dumps(meta, separators=(",", ":"))  # NaN/inf as JSON's NaN/Infinity, read back by json.loads
+    return {"meta": np.frombuffer(text.encode("utf-8"), dtype=np.uint8), **arrays}
+
+
+def _check_scalars(d, where: str) -> dict:
+    if not isinstance(d, dict) or not all(v is None or isinstance(v, (str, bool, int, float)) for v in d.values()):
+        raise ValueError(f"{where} is not a flat record of scalars")
+    return d
+
+
+def read_job_file(path: Path) -> dict:
+    """``{"run_id", "job", "result"}`` of a job file, read with ``allow_pickle=False`` (nothing in it can run
+    code). Raises (ValueError, OSError, zipfile.BadZipFile, ...) when the file is not an intact job file."""
+    archive = np.load(path, allow_pickle=False)  # a pickle, or an object array inside an archive, raises here
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError("not an .npz archive")
+    with archive:
+        meta = archive["meta"]
+        if meta.dtype != np.uint8 or meta.ndim != 1:
+            raise ValueError("no job metadata in the archive")
+        meta = json.loads(meta.tobytes().decode("utf-8"))
+        if not isinstance(meta, dict) or meta.get("format") != JOB_FILE_FORMAT:
+            raise ValueError(f"not a job file of format {JOB_FILE_FORMAT}")
+        rows = [_check_scalars(r, f"rows[{i}]") for i, r in enumerate(meta["rows"])]
+        decisions = []
+        for i, spec in enumerate(meta["decisions"]):
+            scalars, names = _check_scalars(spec["scalars"], f"decisions[{i}]"), spec["arrays"]
+            block = {}
+            for k in spec["keys"]:
+                if k in names:
+                    a = archive[names[k]]
+                    if a.ndim != 1 or a.dtype.kind not in _ARRAY_KINDS:
+                        raise ValueError(f"decisions[{i}][{k!r}] is a {a.ndim}-D {a.dtype} array")
+                    block[k] = a
+                else:
+                    block[k] = scalars[k]
+            decisions.append(block)
+    job = meta["job"]
+    return {"run_id": meta["run_id"], "job": (job[0], job[1]), "result": {"rows": rows, "decisions": decisions}}
+
+
+def load_finished(path: Path, run_id: str, job: Job | None = None) -> dict | None:
+    """A finished job's result if its file is intact and belongs to this run (and job); None otherwise."""
     if not path.exists():
         return None
     try:
-        with open(path, "rb") as f:
-            payload = pickle.load(f)
-        if payload.get("run_id") != run_id:
-            raise ValueError(f"written by run {payload.get('run_id')}")
+        payload = read_job_file(path)
+        if payload["run_id"] != run_id:
+            raise ValueError(f"written by run {payload['run_id']}")
+        if job is not None and payload["job"] != (job[0], job[1]):
+            raise ValueError(f"holds job {payload['job']}")
         return payload["result"]
-    except Exception as e:  # truncated or foreign: recompute, never trust it
+    except Exception as e:  # truncated, foreign or planted: recompute, never trust it
         log_.warning("job file %s is unusable (%s: %s); the job runs again", path, type(e).__name__, e)
         return None
 
 
 def save_finished(path: Path, run_id: str, job: Job, result: dict) -> None:
+    arrays = encode_result(run_id, job, result)
+
     def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            pickle.dump({"run_id": run_id, "job": job, "result": result}, f)
+        with open(tmp, "wb") as f:  # a file object: np.savez given a name would append ".npz" to it
+            np.savez(f, allow_pickle=False, **arrays)
 
     atomic_write(path, write)
 
 
-def run_jobs(cfg, jobs: list[Job], jobs_dir: Path, log: Callable = print,
-             job_fn: Callable | None = None) -> dict[Job, dict]:
+def _warn_old_job_files(jobs_dir: Path) -> None:
+    old = sorted(p.name for p in Path(jobs_dir).glob("*.pkl"))
+    if old:
+        log_.warning("%d job file(s) in the old pickle format in %s are ignored, never read (a pickle can run "
+                     "code): %s; those jobs run again", len(old), jobs_dir, ", ".join(old))
+
+
+def run_jobs(cfg, jobs: list[Job], jobs_dir: Path, log: Callable, job_fn: Callable) -> dict[Job, dict]:
     """Results of every job, from ``jobs_dir`` when finished earlier, else by running ``job_fn(cfg, seed,
-    name)`` (default ``bench.pipeline.run.run_job``) on ``cfg.executor``."""
-    if job_fn is None:
-        from bench.pipeline.run import run_job as job_fn
+    name)`` (``bench.pipeline.run.run_job`` for a sweep; it must be importable by worker processes) on
+    ``cfg.executor``. ``job_fn`` returns ``{"rows": [flat dicts of str/int/float/bool/None], "decisions":
+    [dicts of such scalars and 1-D numpy arrays]}``."""
     results: dict[Job, dict] = {}
+    _warn_old_job_files(jobs_dir)
     for job in jobs:
-        r = load_finished(job_path(jobs_dir, job), cfg.run_id)
+        r = load_finished(job_path(jobs_dir, job), cfg.run_id, job)
         if r is not None:
             results[job] = r
     todo = [j for j in jobs if j not in results]

@@ -14,21 +14,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench.backbones.vit import TrainedBackbone, block_features, to_tensor
+from bench.backbones.base import Stages, TrainedBackbone, block_features, to_tensor
 from bench.base.hashing import atomic_write, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
 
-def compute_features(model, x_uint8: np.ndarray, img_size: int, batch_size: int = 512, device: str = "cpu",
+def compute_features(st: Stages, x_uint8: np.ndarray, img_size: int, batch_size: int = 512, device: str = "cpu",
                      desc: str = "features") -> torch.Tensor:
-    """Exit features [K, N, D] (float32, CPU) for uint8 images [N, H, W, C]."""
-    model.eval()
+    """Exit features [K, N, D] (float32, CPU) for uint8 images [N, H, W, C], through the staged forward."""
     chunks = []
     for i in tqdm(range(0, len(x_uint8), batch_size), desc=desc, unit="batch", dynamic_ncols=True,
                   leave=False):
         xb = to_tensor(x_uint8[i:i + batch_size], img_size).to(device)
-        chunks.append(block_features(model, xb).float().cpu())
+        chunks.append(block_features(st, xb).float().cpu())
     return torch.cat(chunks, dim=1)
 
 
@@ -66,8 +65,10 @@ def load_or_compute_features(cache_dir: Path, backbone: TrainedBackbone, dataset
         return data
     img = backbone.config.img_size
     bs = backbone.config.eval_batch_size
-    data = {"train": compute_features(backbone.model, dataset.train_x, img, bs, device, "features (train)"),
-            "test": compute_features(backbone.model, dataset.test_x, img, bs, device, "features (test)")}
+    backbone.model.eval()
+    st = backbone.stages()
+    data = {"train": compute_features(st, dataset.train_x, img, bs, device, "features (train)"),
+            "test": compute_features(st, dataset.test_x, img, bs, device, "features (test)")}
     atomic_write(path, lambda tmp: torch.save(data, tmp))
     atomic_write_text(meta_path, json.dumps({"key": key, "sha256": file_sha256(path),
                                              "shape_train": list(data["train"].shape),

@@ -1,10 +1,11 @@
 """Real early exit: run the backbone block by block on raw images and drop samples as they exit.
 
-After block k the survivors' exit-k features go through the method's exit head (``stream_head``) and its
-streaming rule (``exit_now``); the rows that leave are removed from the block state (survivor compaction: the
-ViT's tokens, or every scale map of MSDNet), so an exited sample never enters a later block. The backbone is
-driven through its staged forward (``bench.backbones.vit.stages``). The predictions and exits must equal the simulated ones computed from the
-feature cache: exactly on CPU in float32 (tested), within a stated tolerance on CUDA.
+After block k the survivors' exit-k features go through the method's streaming form (``stream``: exit k's
+logits and who leaves); the rows that leave are removed from the block state (survivor compaction: the ViT's
+tokens, or every scale map of MSDNet), so an exited sample never enters a later block. The backbone is driven
+through its staged forward (``bench.backbones.base.Stages``). The predictions and exits must equal the
+simulated ones computed from the feature cache: exactly on CPU in float32 (tested), within a stated tolerance
+on CUDA.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bench.backbones.vit import stages, to_tensor
+from bench.backbones.base import Stages, to_tensor
 from bench.core.interface import ExitMethod, OperatingPoint
 
 
@@ -26,12 +27,11 @@ class EarlyExitResult:
 
 
 @torch.no_grad()
-def run_early_exit(model, method: ExitMethod, point: OperatingPoint, x: torch.Tensor, batch_size: int = 256
+def run_early_exit(st: Stages, method: ExitMethod, point: OperatingPoint, x: torch.Tensor, batch_size: int = 256
                    ) -> EarlyExitResult:
     """Early-exit inference on images x [N, C, H, W] (already on the model's device)."""
     if method.bound:
         raise ValueError(f"{method.name} is a bound that reads labels; it cannot run as a real early exit")
-    st = stages(model)
     depth = st.num_exits
     n = x.shape[0]
     exits = np.full(n, depth - 1, dtype=np.int64)
@@ -44,12 +44,8 @@ def run_early_exit(model, method: ExitMethod, point: OperatingPoint, x: torch.Te
         for k in range(depth):
             block_rows[k] += len(alive)
             h = st.block(k, h)
-            logits, state = method.stream_head(k, st.exit_feature(k, h).float().cpu(), point, state)
-            if k == depth - 1:
-                leave = np.ones(len(alive), dtype=bool)
-            else:
-                leave, state = method.exit_now(k, logits, point, state)
-                leave = np.asarray(leave, dtype=bool)
+            logits, leave, state = method.stream(k, st.exit_feature(k, h).float().cpu(), point, state)
+            leave = np.ones(len(alive), dtype=bool) if k == depth - 1 else np.asarray(leave, dtype=bool)
             if out is None:
                 out = torch.empty(n, logits.shape[1], dtype=torch.float32)
             out[alive[leave]] = logits[torch.from_numpy(leave).to(logits.device)].float().cpu()
@@ -83,20 +79,19 @@ def time_call(fn, device: str, repeats: int = 5, warmup: int = 2) -> np.ndarray:
 
 
 @torch.no_grad()
-def timing_metrics(model, method: ExitMethod, point: OperatingPoint, x_uint8: np.ndarray, img_size: int,
+def timing_metrics(st: Stages, method: ExitMethod, point: OperatingPoint, x_uint8: np.ndarray, img_size: int,
                    device: str = "cpu", batch_size: int = 256, n_latency: int = 64, repeats: int = 5
                    ) -> dict[str, float]:
     """latency_ms (batch 1, median over ``n_latency`` single images), latency_ms_p90, throughput (samples/s
     at ``batch_size``) and wall_rel (early-exit time / static backbone time on the same batch)."""
-    model = model.to(device).eval()
     x = to_tensor(x_uint8[:batch_size], img_size).to(device)
-    ee = np.median(time_call(lambda: run_early_exit(model, method, point, x, batch_size), device, repeats))
-    static = np.median(time_call(lambda: stages(model).static_forward(x), device, repeats))
+    ee = np.median(time_call(lambda: run_early_exit(st, method, point, x, batch_size), device, repeats))
+    static = np.median(time_call(lambda: st.static_forward(x), device, repeats))
     singles = to_tensor(x_uint8[:n_latency], img_size).to(device)
     lat = []
     for i in range(len(singles)):
         xi = singles[i:i + 1]
-        lat.append(np.median(time_call(lambda: run_early_exit(model, method, point, xi, 1), device, 3, 1)))
+        lat.append(np.median(time_call(lambda: run_early_exit(st, method, point, xi, 1), device, 3, 1)))
     lat = np.array(lat) * 1000
     return {"latency_ms": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90)),
             "throughput": float(len(x) / ee), "wall_rel": float(ee / static)}

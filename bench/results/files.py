@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,41 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.read_csv(Path(run_dir) / "metrics.csv", dtype={"exit": "Int64"})
 
 
-def provenance(config: dict, extra: dict) -> dict:
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as a user would type it again: ``python -m bench run ...`` rather than the path of
+    ``bench/__main__.py`` that ``sys.argv[0]`` holds; arguments shell-quoted."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return ""
+    head = Path(argv[0])
+    prog = ("python -m bench" if argv[0] == "python -m bench" or (head.name == "__main__.py"
+                                                                 and head.parent.name == "bench")
+            else "bench" if head.name == "bench" else shlex.quote(argv[0]))
+    return " ".join([prog, *map(shlex.quote, argv[1:])])
+
+
+def machine() -> dict:
+    """What ran the job, without the host name: CPU model, logical cores, memory, GPUs (empty list: none)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    return {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu, "cpu_count": os.cpu_count(),
+            "memory_gib": memory, "gpus": gpus, "threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def provenance(config: dict, extra: dict, argv: list[str] | None = None) -> dict:
+    """Where the numbers come from; ``argv`` (default ``sys.argv``) is the command that produced them."""
     import timm
     import torch
 
@@ -71,12 +107,13 @@ def provenance(config: dict, extra: dict) -> dict:
         versions["fvcore"] = version("fvcore")
     except Exception:
         pass
-    device = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "platform": platform.platform()}
-    if torch.cuda.is_available():
-        device["cuda"] = torch.cuda.get_device_name(0)
+    device = machine()
+    if device["gpus"]:
+        device["cuda"] = device["gpus"][0]
     return {"git_sha": git("rev-parse", "HEAD") or "unknown", "git_dirty": bool(git("status", "--porcelain")),
-            "versions": versions, "device": device, "command": " ".join(sys.argv), "config": config, **extra}
+            "versions": versions, "device": device, "command": command_line(argv),
+            "argv": list(sys.argv if argv is None else argv)[1:],
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config, **extra}
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -1,6 +1,9 @@
 """Figures of a report, shared by ``python -m bench report`` and ``results/figures.ipynb``. Every function takes
-the frames of :mod:`bench.results.report` (``aggregate``, ``exit_distribution``) and returns a matplotlib Figure (or None
-when the runs have nothing to draw); the backend is left to the caller (the CLI uses Agg)."""
+the frames that :mod:`bench.results.report` computes (``aggregate``, ``exit_distribution``) and returns a matplotlib
+Figure (or None when the runs have nothing to draw); the backend is left to the caller (the CLI uses Agg).
+
+Imports go one way: ``report`` imports this module, never the reverse. matplotlib and seaborn are imported when a
+figure is drawn (they are slow to import)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.base.hashing import atomic_write
 from bench.results.summary import is_bound
 
 FIGSIZE = (5.0, 3.8)
@@ -179,29 +183,33 @@ def plot_wall_vs_macs(agg: pd.DataFrame):
     return fig
 
 
-def figures(df: pd.DataFrame, agg: pd.DataFrame, budget: float | None, split: str = "test") -> dict:
-    """name -> Figure for every figure the runs can draw."""
-    from bench.results.report import exit_distribution
-
+def figures(agg: pd.DataFrame, dist: pd.DataFrame | None = None, budget: float | None = None) -> dict:
+    """name -> Figure for every figure the runs can draw; ``dist`` is ``report.exit_distribution`` at ``budget``
+    (the exit-distribution figure is drawn when both are given)."""
     figs = {"accuracy_vs_cost": plot_accuracy_vs_cost(agg), "ece_vs_cost": plot_ece_vs_cost(agg),
             "conformal_vs_cost": plot_conformal_vs_cost(agg),
-            "exit_distribution": (plot_exit_distribution(exit_distribution(df, budget, split), budget)
-                                  if budget is not None else None),
+            "exit_distribution": (plot_exit_distribution(dist, budget)
+                                  if budget is not None and dist is not None else None),
             "wall_vs_macs": plot_wall_vs_macs(agg)}
     return {k: v for k, v in figs.items() if v is not None}
 
 
-def save_all(df: pd.DataFrame, agg: pd.DataFrame, out: Path, budget: float | None, split: str = "test") -> list[Path]:
-    """Write every figure as PNG and PDF under ``out`` (atomically); returns the paths."""
-    from bench.base.hashing import atomic_write
+def save_figure(fig, path: Path, fmt: str) -> None:
+    """Write one figure atomically. PNGs carry no software tag and PDFs no creation date, so the same runs give
+    the same bytes."""
+    metadata = {"Software": None} if fmt == "png" else {"CreationDate": None, "Producer": None, "Creator": None}
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=metadata))
 
+
+def save_all(figs: dict, out: Path, prefix: str = "", formats: tuple[str, ...] = ("png", "pdf")) -> dict[str, list[Path]]:
+    """Write every figure of ``figs`` (from :func:`figures`) as ``out/<prefix><name>.<fmt>`` and close it;
+    returns name -> paths."""
     plt = _plt()
-    paths = []
-    for name, fig in figures(df, agg, budget, split).items():
-        for fmt in ("png", "pdf"):
-            path = Path(out) / f"{name}.{fmt}"
-            atomic_write(path, lambda tmp, fig=fig, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=150,
-                                                                         bbox_inches="tight"))
-            paths.append(path)
+    paths: dict[str, list[Path]] = {}
+    for name, fig in figs.items():
+        for fmt in formats:
+            path = Path(out) / f"{prefix}{name}.{fmt}"
+            save_figure(fig, path, fmt)
+            paths.setdefault(name, []).append(path)
         plt.close(fig)
     return paths

@@ -1,6 +1,7 @@
 """``python -m bench report``: aggregate one or more run directories over seeds, compare methods pairwise on
 the same test samples, and write ``report.md`` / ``report.tex`` / ``aggregate.csv`` plus the figures of
-:mod:`bench.results.plots`.
+:mod:`bench.results.plots`; or, with ``--page PATH`` (:func:`build_page`), a markdown results page with one
+section per run (its command, machine, summary table and figures), every number read from the run folders.
 
 Aggregation: per dataset x backbone x method x budget x metric (conformal rows also keyed by ``score``,
 ``scope`` and ``alpha`` from ``params``), the mean, the standard deviation (ddof 1) and a 95 % confidence
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,8 +24,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+import methods  # noqa: F401  (registers the methods, so bounds are recognised)
 from bench.base.errors import UserError
+from bench.base.hashing import atomic_write_text
+from bench.results import plots
 from bench.results.files import METRIC_COLUMNS
+from bench.results.summary import method_label, summary_table, with_backbone
 
 OVERALL_METRICS = ("accuracy", "macs_rel", "macs", "ece", "nll", "brier", "auroc_misclassification")
 CONFORMAL_METRICS = ("coverage", "set_size")
@@ -77,9 +83,6 @@ def _label(df: pd.DataFrame) -> pd.DataFrame:
     """``label``: the display name. Bounds are marked (``method_label``); a method present in several runs of the
     same dataset (e.g. two JEI-DNN variants) gets its run id appended; where a dataset's rows come from several
     networks (``msdnet`` brings its own), labels name the network. Each static backbone is kept once."""
-    import methods  # noqa: F401  (registers the methods, so bounds are recognised)
-    from bench.results.summary import method_label, with_backbone
-
     static = df["method"] == "static"
     first = df[static].groupby(["dataset", "backbone", "seed"])["run_id"].first().rename("_first")
     df = df.merge(first, left_on=["dataset", "backbone", "seed"], right_index=True, how="left")
@@ -344,26 +347,23 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
+def _use_agg() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
 def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, split: str = "test",
                  budget: float | None = None) -> Report:
     """Everything ``python -m bench report`` does. Inputs are validated before anything is written."""
-    from bench.base.hashing import atomic_write_text
-
     df = load_runs(run_dirs)
-    if not (df["split"] == split).any():
-        raise UserError(f"the runs have no rows for split {split!r}; they have "
-                        f"{', '.join(sorted(df['split'].unique()))}.")
+    _check_split(df, split)
     agg = aggregate(df, split)
     chosen = choose_budget(agg, budget)
     comparisons = compare(load_decisions(df, split))
     md = markdown_report(agg, comparisons, split)
     tex = _tex(*main_rows(agg, comparisons)) + "\n"
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from bench.results import plots
-
+    _use_agg()
     out_dir = Path(out) if out is not None else Path(run_dirs[0]) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
@@ -371,5 +371,152 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
                        ("comparisons.csv", comparisons.to_csv(index=False))):
         atomic_write_text(out_dir / name, text)
         files.append(out_dir / name)
-    files += plots.save_all(df, agg, out_dir, budget=chosen, split=split)
+    dist = exit_distribution(df, chosen, split) if chosen is not None else None
+    saved = plots.save_all(plots.figures(agg, dist, chosen), out_dir)
+    files += [path for paths in saved.values() for path in paths]
     return Report(markdown=md, out=out_dir, files=files)
+
+
+def _check_split(df: pd.DataFrame, split: str) -> None:
+    if not (df["split"] == split).any():
+        raise UserError(f"the runs have no rows for split {split!r}; they have "
+                        f"{', '.join(sorted(df['split'].unique()))}.")
+
+
+# -------------------------------------------------------------------------------------------- results page
+
+FIGURE_TITLES = {"accuracy_vs_cost": "accuracy vs cost", "ece_vs_cost": "ECE vs cost",
+                 "conformal_vs_cost": "conformal sets vs cost", "exit_distribution": "exit distribution",
+                 "wall_vs_macs": "wall-clock vs MACs"}
+LOSSY_PREFIX = "cifar10-jpeg"
+
+
+def _read_run_json(run_dir: Path) -> dict:
+    f = run_dir / "run.json"
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is malformed and could not be read as JSON ({e}).")
+
+
+def _command(run: dict) -> str:
+    """The recorded command; older runs stored ``sys.argv`` joined, whose first word is bench/__main__.py."""
+    cmd = str(run.get("command", "")).strip()
+    head, _, rest = cmd.partition(" ")
+    if head.endswith("bench/__main__.py"):
+        return f"python -m bench {rest}".strip()
+    return cmd
+
+
+def machine_line(run: dict) -> str:
+    """One line describing where and how the run ran, from run.json (only what it records)."""
+    dev, ver, cfg = run.get("device", {}), run.get("versions", {}), run.get("config", {})
+    hw = [str(dev.get("cpu_model") or dev.get("cpu") or "")]
+    if dev.get("cpu_count"):
+        hw.append(f"{dev['cpu_count']} cores")
+    if dev.get("memory_gib"):
+        hw.append(f"{dev['memory_gib']:g} GiB RAM")
+    gpus = dev.get("gpus")
+    if gpus:
+        hw.append(", ".join(f"{n}x {g}" if (n := gpus.count(g)) > 1 else g for g in dict.fromkeys(gpus)))
+    elif dev.get("cuda"):
+        hw.append(str(dev["cuda"]))
+    elif gpus is not None:
+        hw.append("no GPU")
+    parts = [", ".join(h for h in hw if h)]
+    ran = [f"on {cfg['device']}" if cfg.get("device") else "",
+           f"{dev['threads']} torch threads" if dev.get("threads") else ""]
+    parts.append("ran " + " with ".join(x for x in ran if x) if any(ran) else "")
+    parts.append(", ".join(f"{k} {ver[k]}" for k in ("torch", "timm", "python") if ver.get(k)))
+    if run.get("git_sha"):
+        parts.append(f"git {str(run['git_sha'])[:12]}" + (" (uncommitted changes)" if run.get("git_dirty") else ""))
+    if run.get("date"):
+        parts.append(str(run["date"]).replace("T", " ").replace("Z", " UTC"))
+    if run.get("duration_s") is not None:
+        parts.append(f"took {float(run['duration_s']):.0f} s")
+    parts = [x for x in parts if x]
+    return "Machine: " + " · ".join(parts) + "." if parts else "Machine: not recorded (no run.json)."
+
+
+def _run_names(run_dirs: Sequence[Path], frames: Sequence[pd.DataFrame]) -> list[str]:
+    """File-name stems of the runs' figures: the folder name, with the run id where two folders share a name."""
+    names = [p.resolve().name for p in run_dirs]
+    return [f"{n}-{df['run_id'].iloc[0]}" if names.count(n) > 1 else n for n, df in zip(names, frames)]
+
+
+@dataclass
+class _Section:
+    text: str
+    figures: dict
+
+
+def _section(run_dir: Path, name: str, df: pd.DataFrame, split: str, budget: float | None,
+             figure_dir: str) -> _Section:
+    run = _read_run_json(run_dir)
+    datasets = list(dict.fromkeys(df["dataset"]))
+    agg = aggregate(df, split)
+    chosen = choose_budget(agg, budget)
+    dist = exit_distribution(df, chosen, split) if chosen is not None else None
+    figs = plots.figures(agg, dist, chosen)
+    cmd = _command(run)
+    lines = [f"## {', '.join(datasets)} — `{run_dir}`", "",
+             *(["```bash", cmd, "```"] if cmd else ["Command: not recorded (no run.json)."]), "",
+             machine_line(run), "",
+             f"Mean ± std over seeds ({split}; `macs_rel` is the realised cost relative to the static backbone; "
+             "bounds read labels and are marked as such):", "",
+             summary_table(df, split)]
+    lossy = [d for d in datasets if str(d).startswith(LOSSY_PREFIX)]
+    if lossy:
+        lines += ["", f"**{', '.join(lossy)}: the images are lossy JPEG re-encodings of CIFAR-10, not the official "
+                      "files; these numbers are not comparable with results on the official CIFAR-10.**"]
+    if figs:
+        links = [f"[{FIGURE_TITLES.get(k, k)}]({figure_dir}/{name}_{k}.png)" for k in figs]
+        lines += ["", "Figures: " + " · ".join(links)]
+        if "accuracy_vs_cost" in figs:
+            lines += ["", f"![accuracy vs cost, {', '.join(datasets)}]({figure_dir}/{name}_accuracy_vs_cost.png)"]
+    return _Section("\n".join(lines), figs)
+
+
+def page_command(run_dirs: Sequence[str | os.PathLike], page: str | os.PathLike, split: str = "test",
+                 budget: float | None = None) -> str:
+    """The command that regenerates the page (printed on its first line)."""
+    args = ["python", "-m", "bench", "report", *map(str, run_dirs), "--page", str(page)]
+    args += ["--split", split] if split != "test" else []
+    args += ["--budget", f"{budget:g}"] if budget is not None else []
+    return shlex.join(args)
+
+
+def build_page(run_dirs: Sequence[str | os.PathLike], page: str | os.PathLike, split: str = "test",
+               budget: float | None = None, figure_dir: str = "figures") -> list[Path]:
+    """(Re)write the markdown results page ``page`` from the run directories: a generated-by line with the command
+    that regenerates it, then per run its command, machine, summary table and figures (PNG, saved under
+    ``<page's folder>/<figure_dir>/<run name>_<figure>.png``). Every number comes from the run folders; the same
+    runs give byte-identical files. Inputs are validated before anything is written. Returns the paths written."""
+    dirs = [Path(p) for p in run_dirs]
+    if not dirs:
+        raise UserError("give at least one run directory.")
+    frames = [load_runs([d]) for d in dirs]
+    for d in frames:
+        _check_split(d, split)
+        choose_budget(aggregate(d, split), budget)  # an unknown --budget fails before anything is drawn
+    for d in dirs:
+        _read_run_json(d)
+    _use_agg()
+    page = Path(page)
+    names = _run_names(dirs, frames)
+    sections = [_section(d, n, df, split, budget, figure_dir) for d, n, df in zip(dirs, names, frames)]
+    head = [f"Generated by `bench report` from the run folders below; do not edit by hand. Regenerate with "
+            f"`{page_command(run_dirs, page, split, budget)}`.", "",
+            "# Results", "",
+            "One section per run: the command that produced it, the machine it ran on, and its table (mean ± std "
+            "over seeds per method and budget). Run folders live under `results/runs/` (not in git): rerun a "
+            "section's command to recreate one.", ""]
+    text = "\n".join(head + ["\n\n".join(s.text for s in sections)]) + "\n"
+    written = []
+    for name, section in zip(names, sections):
+        saved = plots.save_all(section.figures, page.parent / figure_dir, prefix=f"{name}_", formats=("png",))
+        written += [p for paths in saved.values() for p in paths]
+    atomic_write_text(page, text)
+    return [*written, page]

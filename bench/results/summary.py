@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bench.core.interface import METHODS
+
 SUMMARY_METRICS = ("accuracy", "macs_rel", "ece")
 
 
 def is_bound(method: str) -> bool:
-    """Whether a registered method is an upper bound (reads labels, like the oracle) rather than a method."""
-    from bench.core.interface import METHODS
-
+    """Whether a registered method is an upper bound (reads labels, like the oracle) rather than a method. The
+    caller imports ``methods`` (registration) first."""
     return method in METHODS and bool(METHODS.get(method).bound)
 
 
@@ -34,6 +35,8 @@ def with_backbone(label: str, backbone: str, several: bool) -> str:
 
 def _cell(values: pd.Series, digits: int) -> str:
     v = values.to_numpy(dtype=float)
+    if len(v) == 0:
+        return "—"
     if np.isnan(v).all():
         return "infeasible"
     if len(v) == 1:

@@ -22,13 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import methods  # noqa: E402,F401
-from bench.backbones.vit import load_or_train_backbone  # noqa: E402
-from bench.measure.calibration import calibrate_shared_threshold, first_exit  # noqa: E402
-from bench.pipeline.features import load_or_compute_features  # noqa: E402
 from bench.core.interface import create_method  # noqa: E402
-from bench.pipeline.run import RunConfig, build_task, count_macs, default_cache_dir  # noqa: E402
-from bench.pipeline.splits import load_or_make_splits  # noqa: E402
-from datasets import load_dataset  # noqa: E402
+from bench.measure.calibration import calibrate_shared_threshold, first_exit  # noqa: E402
+from bench.pipeline.config import RunConfig  # noqa: E402
+from bench.pipeline.tasks import load_task  # noqa: E402
 
 BUDGETS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
@@ -51,11 +48,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lambdas", default="0.01,0.3,5")
     args = ap.parse_args()
-    ds = load_dataset(args.dataset)
-    cache = default_cache_dir()
-    splits = load_or_make_splits(cache, ds.name, ds.train_y, len(ds.test_y), args.seed)
-    backbone = load_or_train_backbone(cache, RunConfig(methods=[], dataset=ds.name).backbone_config(), ds, splits)
-    task = build_task(ds, splits, backbone, load_or_compute_features(cache, backbone, ds), count_macs(backbone.model))
+    task = load_task(RunConfig(methods=[], dataset=args.dataset), args.seed).task
     val, test = task.splits["val"], task.splits["test"]
     print(f"{args.dataset}, seed {args.seed}, test accuracy @ realised macs_rel per budget "
           f"({', '.join(map(str, BUDGETS))})\n")
@@ -65,7 +58,7 @@ def main() -> None:
                                                    th.scores(th.exit_logits(test)), th.exit_logits(test), test.labels))
     jei = create_method("jeidnn", {"lambdas": [float(x) for x in args.lambdas.split(",")]}).fit(task)
     rel = jei.costs_ / task.macs.static
-    for point in jei.native_points(task):
+    for point in jei.operating_points(task, []):
         lam = point.params["lambda"]
         lv, lt = jei.exit_logits(val, point), jei.exit_logits(test, point)
         e = jei.decide(lt, point)

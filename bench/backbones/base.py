@@ -1,0 +1,248 @@
+"""Backbone plugins: the networks the harness trains (or fine-tunes), freezes, caches exit features from and
+runs block by block for real early exit.
+
+A backbone is a class registered with ``@register_backbone("name")`` (the way timm registers models). It
+provides, as class methods, everything the harness needs, so no code outside this package looks at a
+network's type or name:
+
+- ``Config`` (a dataclass: every field that determines the trained weights, typed and range-checked through
+  ``bench.base.fields``; it must have ``img_size`` and ``eval_batch_size``) and ``defaults`` (per dataset);
+- ``create(cfg, in_chans, num_classes, load_weights)`` and ``train(cfg, train_x, train_y, val_x, val_y,
+  num_classes, seed, device, desc)``;
+- ``stages(model)``: the staged forward both the feature cache and the real runner use — ``num_exits``,
+  ``embed(x) -> h``, ``block(k, h) -> h``, ``exit_feature(k, h) -> [N, D]``, ``select(h, keep) -> h`` (the
+  survivors' rows) and ``static_forward(x) -> [N, C]`` (the static network, the timing denominator);
+- ``macs(model)``: per-part MACs (``ExitMacs``), ``heads(model)``: the network's own classifier on the last
+  exit feature and, for a multi-exit network, its per-exit classifiers;
+- ``label(cfg)``: a name that describes the network that produced a result row.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bench.base.errors import UserError
+from bench.base.fields import check_fields
+from bench.base.registry import Registry
+from bench.measure.flops import ExitMacs
+
+
+class Stages(Protocol):
+    num_exits: int
+
+    def embed(self, x: torch.Tensor) -> Any: ...
+
+    def block(self, k: int, h: Any) -> Any: ...
+
+    def exit_feature(self, k: int, h: Any) -> torch.Tensor: ...
+
+    def select(self, h: Any, keep: torch.Tensor) -> Any: ...
+
+    def static_forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Heads:
+    """A network's own classifiers on its exit features."""
+
+    weight: torch.Tensor  # [C, D] the last exit's head (the static network's prediction)
+    bias: torch.Tensor  # [C]
+    # a multi-exit network's own per-exit classifiers, weight [K, D, C] and bias [K, C]; None for a single-head
+    # network, whose intermediate heads the methods train themselves
+    exits: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class Backbone:
+    """Base of every backbone plugin (class methods only: a plugin holds no state; the config does)."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+    defaults: ClassVar[dict[str, Any]] = {}  # dataset name -> Config
+    static_rows: ClassVar[bool] = True  # write the static network's rows (False: its static form is another's)
+
+    # -- configuration ----------------------------------------------------------------------------------------
+    @classmethod
+    def default_config(cls, dataset: str):
+        return copy.deepcopy(cls.defaults.get(dataset, cls.Config()))
+
+    @classmethod
+    def configure(cls, dataset: str, changes: dict[str, Any], owner: str = "backbone"):
+        """The dataset's default config with ``changes`` (from ``--set backbone.FIELD=VALUE``) typed, range-checked
+        and validated as a whole; a UserError names the field, the value and what is allowed."""
+        cfg = dataclasses.replace(cls.default_config(dataset), **check_fields(cls.Config, owner, changes))
+        cls.validate(cfg)
+        return cfg
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """Refuse inconsistent settings (UserError) before any data is read: by default, build the network."""
+        cls.create(cfg, in_chans=1, num_classes=2, load_weights=False)
+
+    @classmethod
+    def from_name(cls, name: str) -> dict[str, Any] | None:
+        """Config changes if this plugin builds the network ``--backbone name`` names (e.g. a timm model name),
+        else None."""
+        return None
+
+    # -- the network ------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg, in_chans: int, num_classes: int, load_weights: bool = True) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def train(cls, cfg, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+              num_classes: int, seed: int, device: str = "cpu", desc: str = "backbone"
+              ) -> tuple[torch.nn.Module, float, int, list[dict]]:
+        """Train from scratch or fine-tune; keep the epoch with the best *validation* accuracy. Returns (model in
+        eval mode and frozen, val_accuracy, best_epoch, history)."""
+        raise NotImplementedError
+
+    @classmethod
+    def stages(cls, model: torch.nn.Module) -> Stages:
+        raise NotImplementedError
+
+    @classmethod
+    def macs(cls, model: torch.nn.Module) -> ExitMacs:
+        raise NotImplementedError
+
+    @classmethod
+    def heads(cls, model: torch.nn.Module) -> Heads:
+        raise NotImplementedError
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        raise NotImplementedError
+
+
+BACKBONES: Registry[type[Backbone]] = Registry("backbone")
+
+
+def register_backbone(name: str):
+    def deco(cls):
+        cls.name = name
+        return BACKBONES.register(name)(cls)
+
+    return deco
+
+
+def resolve_backbone(name: str) -> tuple[str, dict[str, Any]]:
+    """``--backbone NAME`` -> (registered backbone, config changes): a registered name as is, else the plugin
+    that claims it (the ViT plugin claims timm ViT-family model names)."""
+    if name in BACKBONES:
+        return name, {}
+    for plugin_name in BACKBONES.names():
+        changes = BACKBONES.get(plugin_name).from_name(name)
+        if changes is not None:
+            return plugin_name, changes
+    BACKBONES.get(name)  # raises the "unknown backbone, did you mean" error
+    raise AssertionError
+
+
+@dataclass
+class TrainedBackbone:
+    plugin: type[Backbone]
+    model: torch.nn.Module  # eval mode, frozen
+    config: Any  # plugin.Config
+    key: str  # cache key: hash of everything that produced the weights
+    val_accuracy: float
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+
+    def stages(self) -> Stages:
+        return self.plugin.stages(self.model)
+
+    @property
+    def label(self) -> str:
+        return self.plugin.label(self.config)
+
+
+# ---- shared pieces: input conversion, augmentation, the training loop -----------------------------------------
+def to_tensor(x_uint8: np.ndarray, img_size: int) -> torch.Tensor:
+    """uint8 images [N, H, W, C] -> float [N, C, img_size, img_size] in [-1, 1] (resized if needed)."""
+    x = torch.from_numpy(np.ascontiguousarray(x_uint8)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    if x.shape[-1] != img_size or x.shape[-2] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return x
+
+
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop after padding by 1/8 of the side (and a horizontal flip for ``crop_flip``)."""
+    if mode == "none":
+        return x
+    if mode not in AUGMENTATIONS:
+        raise UserError(f"Unknown augmentation {mode!r}; use none, crop or crop_flip.")
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="constant", value=-1.0)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
+    out = torch.stack([xp[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+    if mode == "crop_flip":
+        flip = torch.rand(n, generator=gen) < 0.5
+        out[flip] = out[flip].flip(-1)
+    return out
+
+
+@torch.no_grad()
+def block_features(st: Stages, x: torch.Tensor) -> torch.Tensor:
+    """Per-exit features [K, N, D] for images [N, C, H, W], through the staged forward."""
+    h = st.embed(x)
+    feats = []
+    for k in range(st.num_exits):
+        h = st.block(k, h)
+        feats.append(st.exit_feature(k, h))
+    return torch.stack(feats)
+
+
+def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x: np.ndarray, train_y: np.ndarray,
+               seed: int, device: str, desc: str, batch_loss, validate, before_step=None, after_epoch=None
+               ) -> tuple[torch.nn.Module, float, int, list[dict]]:
+    """The training loop every backbone shares. Each epoch: shuffle (a generator seeded with ``seed``), then per
+    mini-batch of ``cfg.batch_size`` images (augmented with ``cfg.augment``) ``before_step(step)``, the loss
+    ``batch_loss(xb, yb)`` and an optimiser step; then ``after_epoch()`` and ``validate() -> (val_accuracy,
+    extra history fields)``. The epoch with the best validation accuracy is kept (never test). Returns (model
+    with those weights, eval mode, frozen; val_accuracy; best_epoch; history)."""
+    gen = torch.Generator().manual_seed(seed)
+    y_all = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    best: tuple[float, int, dict | None] = (-1.0, -1, None)
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    step = 0
+    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(len(train_x), generator=gen)
+        loss_sum = 0.0
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            xb = augment_batch(to_tensor(train_x[idx.numpy()], cfg.img_size), cfg.augment, gen).to(device)
+            if before_step is not None:
+                before_step(step)
+            loss = batch_loss(xb, y_all[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            step += 1
+        if after_epoch is not None:
+            after_epoch()
+        val_acc, extra = validate()
+        history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), "val_accuracy": val_acc, **extra,
+                        "seconds": round(time.perf_counter() - t0, 1)})
+        if val_acc > best[0]:
+            best = (val_acc, epoch, copy.deepcopy(model.state_dict()))
+        bar.set_postfix(loss=f"{loss_sum / len(perm):.3f}", val_acc=f"{val_acc:.3f}", best=f"{best[0]:.3f}")
+    model.load_state_dict(best[2])
+    model.eval().requires_grad_(False)
+    return model, best[0], best[1], history
