@@ -3,32 +3,72 @@
 * :data:`CHECKSUMS` holds the official md5 of every file a loader reads (keys are file names, or
   ``folder/member`` for the files inside the CIFAR archives). Every file read from disk is checked against it
   before it is parsed; tests replace entries with the md5 of small generated files to exercise that path.
-* Search order for a dataset's files: ``data_dir``, ``data_dir/<subdir>``, the cache ``<root>/<subdir>`` where
-  ``<root>`` is ``$BENCH_DATA_DIR`` or ``~/.cache/bench/data``, then :data:`SYSTEM_DIRS` (Debian's
-  ``dataset-fashion-mnist`` package installs into ``/usr/share/datasets/fashion-mnist``).
-* Missing files are downloaded into the cache from :data:`URLS` (5 s timeout) into a temporary file that is
-  md5-checked and then renamed into place, so the cache never holds a partial or unverified file.
-  :func:`_fetch` is the only function that touches the network.
+* Search order for a dataset's files: ``data_dir``, ``data_dir/<subdir>``, the cache ``<root>/<subdir>``, then
+  :data:`SYSTEM_DIRS` (Debian's ``dataset-fashion-mnist`` package installs into
+  ``/usr/share/datasets/fashion-mnist``). The cache ``<root>`` (also where downloads go) is ``$BENCH_DATA_DIR``
+  if set, else ``<harness cache>/data`` where the harness cache is ``load_dataset(cache_dir=...)`` or
+  ``$BENCH_CACHE_DIR``, else ``~/.cache/bench/data``.
+* Missing files are downloaded into the cache from :data:`URLS` with a progress bar (size and rate, on stderr;
+  ``TQDM_DISABLE=1`` hides it). The bytes go to ``<name>.part`` in the destination folder, never under the final
+  name; the complete file is md5-checked and only then renamed into place, so the cache never holds a partial
+  or unverified file under a name a loader reads. On a checksum mismatch the ``.part`` file is deleted and the
+  error gives both md5s.
+* Network problems: connecting has a short timeout (:data:`CONNECT_TIMEOUT_S`), so an offline machine fails at
+  once (a host that cannot be resolved or reached is not retried); once connected, each read may wait
+  :data:`READ_TIMEOUT_S`. A download cut short (timeout, reset, connection closed early, HTTP 408/429/5xx) is
+  retried after 1, 2 and 4 s (:data:`BACKOFF_S`, up to :data:`ATTEMPTS` attempts in a row that add no bytes),
+  resuming with ``Range: bytes=N-`` when the server answers 206 (an answer of 200 starts again from zero). A
+  ``.part`` file left by an interrupted run is resumed the same way by the next run; if a resumed file fails
+  the md5 check it is downloaded once more from the start. Concurrent downloads into one folder wait for each
+  other (``flock``).
+* ``BENCH_DATA_MIRROR`` (optional) names a mirror tried before the official URL: a base URL
+  (``http://host/path/``; the file name is appended) or a local folder (``/path`` or ``file:///path``; the file
+  is copied from there). Its copy gets the same md5 check. If the mirror fails (missing file, HTTP error, wrong
+  md5), a warning says so and the official URL is used.
+* :func:`_fetch` is the only function that touches the network (tests replace it).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
+import http.client
 import logging
 import os
-import shutil
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+from tqdm.auto import tqdm
 
 from bench.base.errors import UserError
-from bench.base.hashing import atomic_write, file_digest
+from bench.base.hashing import file_digest
+
+try:  # POSIX only; elsewhere concurrent downloads are not serialised
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "BENCH_DATA_DIR"
+CACHE_ENV_VAR = "BENCH_CACHE_DIR"  # the harness cache (--cache-dir's default); downloads go to its data/
+MIRROR_ENV_VAR = "BENCH_DATA_MIRROR"
 DEFAULT_CACHE_ROOT = "~/.cache/bench/data"
-TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0  # connecting (DNS, TCP, TLS): short, so that an offline machine fails at once
+READ_TIMEOUT_S = 60.0  # each read once connected (waiting for the status line, then every chunk)
+ATTEMPTS = 4  # tries in a row that add no bytes before a download gives up
+BACKOFF_S = (1.0, 2.0, 4.0)  # sleep before the 2nd, 3rd, 4th try
+RETRY_HTTP_CODES = frozenset({408, 429, 500, 502, 503, 504})
+CHUNK = 1 << 18
+PART_SUFFIX = ".part"
+_sleep = time.sleep  # tests replace it so retries do not wait
 
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import methods  # noqa: F401  (registers the methods in every process that reads a config: pool and Dask workers)
 from bench.backbones.base import BACKBONES, Backbone, resolve_backbone
 from bench.base.errors import UserError
 from bench.base.hashing import config_hash
