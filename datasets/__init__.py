@@ -1,9 +1,10 @@
 """Image classification datasets for the benchmark, loaded from their official file formats.
 
-``load_dataset(name, data_dir=None, download=True)`` returns an :class:`ImageDataset` (uint8 ``[N, H, W, C]``
-images, int64 labels, fixed train/test split). Registered names: ``digits`` (scikit-learn, embedded),
+``load_dataset(name, data_dir=None, download=True, cache_dir=None)`` returns an :class:`ImageDataset` (uint8
+``[N, H, W, C]`` images, int64 labels, fixed train/test split). Registered names: ``digits`` (scikit-learn, embedded),
 ``fashion-mnist`` (IDX), ``cifar10`` / ``cifar100`` / ``cifar100-lt`` (python-version pickles), ``svhn`` (.mat).
-Files are md5-verified; see :mod:`datasets._files` for where they are looked for and how they are downloaded.
+Files are md5-verified; see :mod:`datasets._files` for where they are looked for and how they are downloaded
+(progress bar, retries, resume, the ``BENCH_DATA_MIRROR`` mirror, ``BENCH_DATA_DIR`` / ``BENCH_CACHE_DIR``).
 Every user-fixable problem raises :class:`bench.base.errors.UserError`.
 """
 from __future__ import annotations

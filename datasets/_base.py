@@ -17,6 +17,8 @@ import numpy as np
 from bench.base.errors import UserError
 from bench.base.registry import Registry
 
+from ._files import harness_cache
+
 # A loader takes (data_dir or None, download) and returns an ImageDataset.
 Loader = Callable[[Optional[Path], bool], "ImageDataset"]
 
@@ -76,13 +78,16 @@ def list_datasets() -> list[str]:
 
 
 def load_dataset(
-    name: str, data_dir: str | os.PathLike | None = None, download: bool = True
+    name: str, data_dir: str | os.PathLike | None = None, download: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> ImageDataset:
     """Load dataset ``name`` (see :func:`list_datasets`).
 
-    Files are looked for in ``data_dir`` (and its ``<name>/`` subfolder), then the cache
-    (``$BENCH_DATA_DIR`` or ``~/.cache/bench/data``), then system locations; missing files are downloaded into
-    the cache unless ``download`` is false. Every problem the user can fix raises :class:`bench.base.errors.UserError`.
+    Files are looked for in ``data_dir`` (and its ``<name>/`` subfolder), then the cache, then system locations;
+    missing files are downloaded into the cache unless ``download`` is false. The cache is ``$BENCH_DATA_DIR``,
+    else ``<cache_dir>/data`` (``cache_dir``: the harness cache, default ``$BENCH_CACHE_DIR``), else
+    ``~/.cache/bench/data``; see :mod:`datasets._files` for downloads (progress, retries, resume,
+    ``$BENCH_DATA_MIRROR``). Every problem the user can fix raises :class:`bench.base.errors.UserError`.
     """
     loader = _REGISTRY.get(name)  # UserError with "did you mean" for unknown names
     path = None
@@ -93,4 +98,5 @@ def load_dataset(
                 f"--data-dir {path} is not a directory. Pass --data-dir DIR naming an existing folder that holds "
                 f"the {name} files, or leave --data-dir out to use the cache."
             )
-    return loader(path, download)
+    with harness_cache(cache_dir):
+        return loader(path, download)

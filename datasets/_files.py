@@ -36,6 +36,7 @@ import http.client
 import logging
 import os
 import re
+import ssl
 import sys
 import time
 import urllib.error
@@ -161,9 +162,30 @@ def verify_bytes(data: bytes, key: str, where: str, official_from: str = "") -> 
 # ------------------------------------------------------------------------------------------------ location
 
 
+# The harness cache folder given to ``load_dataset(cache_dir=...)`` (set for the duration of that call).
+_HARNESS_CACHE: contextvars.ContextVar[Optional[Path]] = contextvars.ContextVar("bench_cache_dir", default=None)
+
+
+@contextlib.contextmanager
+def harness_cache(cache_dir: str | os.PathLike | None) -> Iterator[None]:
+    """Within the block, the cache root is ``cache_dir/data`` (unless ``$BENCH_DATA_DIR`` is set); None: no change."""
+    token = _HARNESS_CACHE.set(Path(cache_dir) if cache_dir is not None else _HARNESS_CACHE.get())
+    try:
+        yield
+    finally:
+        _HARNESS_CACHE.reset(token)
+
+
 def cache_root() -> Path:
+    """``$BENCH_DATA_DIR``, else ``<harness cache>/data`` (``load_dataset(cache_dir=)`` or ``$BENCH_CACHE_DIR``),
+    else ``~/.cache/bench/data``."""
     env = os.environ.get(ENV_VAR)
-    return Path(env if env else DEFAULT_CACHE_ROOT).expanduser().absolute()
+    if env:
+        return Path(env).expanduser().absolute()
+    harness = _HARNESS_CACHE.get() or os.environ.get(CACHE_ENV_VAR)
+    if harness:
+        return (Path(harness).expanduser() / "data").absolute()
+    return Path(DEFAULT_CACHE_ROOT).expanduser().absolute()
 
 
 def cache_dir(subdir: str) -> Path:
@@ -248,8 +270,9 @@ def locate(dataset: str, subdir: str, needs: list[Need], data_dir: Optional[Path
                 raise UserError(
                     f"{_looked_for(dataset, missing, dirs)} {e} To fix: download "
                     f"{', '.join(f'{n.download} from {URLS[n.download]}' for n in missing)} on a machine with "
-                    f"network access and pass --data-dir DIR holding them (or put them in {dest_dir}), or retry "
-                    f"when the network is reachable."
+                    f"network access and pass --data-dir DIR holding them (or put them in {dest_dir}), set "
+                    f"{MIRROR_ENV_VAR} to a folder or base URL that holds them, or retry when the network is "
+                    f"reachable."
                 ) from None
         out.append(path)
     return out
@@ -258,30 +281,276 @@ def locate(dataset: str, subdir: str, needs: list[Need], data_dir: Optional[Path
 # ---------------------------------------------------------------------------------------------- download
 
 
+
+class IncompleteDownload(ConnectionError):
+    """The server closed the connection before the whole body arrived (retried, resuming)."""
+
+
+class _GaveUp(Exception):
+    def __init__(self, error: BaseException, tries: int):
+        super().__init__(str(error))
+        self.error, self.tries = error, tries
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+_UNSATISFIABLE_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
+
+
+class _ReadTimeout:
+    """Connection mixin: connect under the request's (short) timeout, then let each read wait READ_TIMEOUT_S."""
+
+    sock: object
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self.sock.settimeout(READ_TIMEOUT_S)  # type: ignore[attr-defined]
+
+
+class _HTTPConnection(_ReadTimeout, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_ReadTimeout, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, context=self._context)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _mib(n: int) -> str:
+    """A byte count for messages: ``123 bytes``, ``60.1 KiB``, ``161.2 MiB``."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def _progress_disabled() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _progress(name: str, total: Optional[int], initial: int) -> tqdm:
+    """A byte progress bar on stderr (size, rate, time left); in a log file (not a terminal) it updates every 10 s."""
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return tqdm(total=total, initial=initial, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
+                dynamic_ncols=True, mininterval=0.1 if tty else 10.0, disable=_progress_disabled(),
+                file=sys.stderr)
+
+
+def _copy_body(src, dest: Path, mode: str, total: Optional[int], initial: int) -> None:
+    name = dest.name.removesuffix(PART_SUFFIX)
+    with open(dest, mode) as f, _progress(name, total, initial) as bar:
+        while chunk := src.read(CHUNK):
+            f.write(chunk)
+            bar.update(len(chunk))
+
+
 def _fetch(url: str, dest: str) -> None:
-    """Write the body of ``url`` to ``dest`` (the only network access; tests replace it)."""
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(dest, "wb") as f:
-        shutil.copyfileobj(response, f, 1 << 20)
+    """Download ``url`` into ``dest``, continuing a partial ``dest`` with ``Range: bytes=N-`` when the server
+    answers 206, else writing it from the start. Raises on any failure, leaving what arrived in ``dest``. The only
+    network access (tests replace it)."""
+    path = Path(dest)
+    while True:
+        offset = _size(path)
+        request = urllib.request.Request(url)
+        if offset:
+            request.add_header("Range", f"bytes={offset}-")
+        opener = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)  # per call: proxies from the environment
+        try:
+            response = opener.open(request, timeout=CONNECT_TIMEOUT_S)
+        except urllib.error.HTTPError as e:
+            if e.code != 416 or not offset:
+                raise
+            m = _UNSATISFIABLE_RANGE.match(e.headers.get("Content-Range", ""))
+            e.close()
+            if m and int(m.group(1)) == offset:
+                return  # the partial file already holds the whole body (the md5 check decides)
+            log.warning("%s: the partial file %s (%s) does not fit the file on the server; starting again from zero",
+                        url, path, _mib(offset))
+            path.unlink()
+            continue
+        with response:
+            status = getattr(response, "status", None)  # None for file:// URLs
+            m = _CONTENT_RANGE.match(response.headers.get("Content-Range", "")) if status == 206 else None
+            if m and int(m.group(1)) == offset:
+                total = None if m.group(3) == "*" else int(m.group(3))
+                if offset:
+                    log.warning("resuming the download of %s at %s%s", url, _mib(offset),
+                                f" of {_mib(total)}" if total else "")
+                mode = "ab" if offset else "wb"
+            elif status == 206:  # not the range asked for
+                if not offset:
+                    raise OSError(f"{url} answered a request for the whole file with part of it "
+                                  f"(Content-Range {response.headers.get('Content-Range')!r})")
+                log.warning("%s answered with an unexpected range; starting again from zero", url)
+                path.unlink(missing_ok=True)
+                continue
+            else:
+                if offset:
+                    log.warning("%s does not resume downloads (HTTP %s); starting again from zero", url, status)
+                length = response.headers.get("Content-Length", "")
+                total, offset, mode = (int(length) if length.isdigit() else None), 0, "wb"
+            _copy_body(response, path, mode, total, offset)
+        got = _size(path)
+        if total is not None and got < total:
+            raise IncompleteDownload(f"the connection closed after {got} of {total} bytes")
+        return
+
+
+def _retryable(e: BaseException) -> bool:
+    """Whether a failed try may succeed if repeated: cut short once connected (timeout, reset, early close, TLS
+    error) or a temporary HTTP error. Not: DNS failure, refused or unreachable host, connect timeout (urllib wraps these
+    in URLError), other HTTP errors, local file errors."""
+    if isinstance(e, urllib.error.HTTPError):
+        return e.code in RETRY_HTTP_CODES
+    if isinstance(e, (urllib.error.URLError, ConnectionRefusedError)):
+        return False
+    return isinstance(e, (TimeoutError, ConnectionError, http.client.HTTPException, ssl.SSLError))
+
+
+def _download(url: str, part: Path) -> bool:
+    """``_fetch`` with retries (:data:`BACKOFF_S`); a try that adds bytes starts the count again. Returns whether
+    any try continued from bytes already in ``part``; raises :class:`_GaveUp`."""
+    continued, tries, in_a_row, best = False, 0, 0, _size(part)
+    while True:
+        tries += 1
+        continued = continued or _size(part) > 0
+        try:
+            _fetch(url, str(part))
+            return continued
+        except Exception as e:  # noqa: BLE001  classified below; everything ends as _GaveUp
+            now = _size(part)
+            if now > best:
+                best, in_a_row = now, 0
+            in_a_row += 1
+            if not _retryable(e) or in_a_row >= ATTEMPTS:
+                raise _GaveUp(e, tries) from e
+            delay = BACKOFF_S[min(in_a_row, len(BACKOFF_S)) - 1]
+            log.warning("downloading %s: %s: %s; trying again in %g s (%s received so far, try %d of %d)",
+                        url, type(e).__name__, e, delay, _mib(now), in_a_row + 1, ATTEMPTS)
+            _sleep(delay)
+
+
+def _sources(key: str) -> list[tuple[str, str | Path]]:
+    """``(kind, where)`` to try in order: ``$BENCH_DATA_MIRROR``'s copy ("url" or "folder"), then the official URL."""
+    out: list[tuple[str, str | Path]] = []
+    mirror = os.environ.get(MIRROR_ENV_VAR, "").strip()
+    if mirror:
+        parsed = urllib.parse.urlsplit(mirror)
+        if parsed.scheme == "file":
+            out.append(("folder", Path(urllib.request.url2pathname(parsed.path)) / key))
+        elif len(parsed.scheme) > 1 and parsed.netloc:  # http(s)://host/... (not a Windows drive letter)
+            out.append(("url", (mirror if mirror.endswith("/") else mirror + "/") + urllib.parse.quote(key)))
+        else:
+            out.append(("folder", Path(mirror).expanduser().absolute() / key))
+    out.append(("url", URLS[key]))
+    return out
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` (waiting for another process downloading into it); where locks
+    are unsupported, go on without one."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("waiting for another process that is downloading into %s", folder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+                fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _get(kind: str, where: str | Path, part: Path, dest: Path, key: str) -> Optional[str]:
+    """Fetch one source into ``part``, check its md5, rename it to ``dest``. None on success, else one sentence
+    saying what went wrong (``part`` deleted if its md5 was wrong, kept if the download was cut short)."""
+    expected = CHECKSUMS[key]
+    if kind == "folder" and not Path(where).is_file():
+        return f"The {MIRROR_ENV_VAR} folder {Path(where).parent} has no {key}."
+    for again in (False, True):
+        try:
+            if kind == "folder":
+                log.warning("copying %s -> %s (%s)", where, dest, MIRROR_ENV_VAR)
+                with open(where, "rb") as src:
+                    _copy_body(src, part, "wb", os.fstat(src.fileno()).st_size, 0)
+                continued = False
+            else:
+                log.warning("downloading %s -> %s", where, dest)
+                continued = _download(str(where), part)
+            actual = md5_file(part)
+            if actual == expected:
+                with open(part, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(part, dest)
+                return None
+        except _GaveUp as g:
+            tries = f" after {g.tries} tries" if g.tries > 1 else ""
+            return f"Downloading {where} to {dest} failed{tries} ({type(g.error).__name__}: {g.error})."
+        except OSError as e:  # unreadable mirror file, disk full, unwritable cache
+            return f"{'Copying' if kind == 'folder' else 'Saving'} {where} to {dest} failed ({type(e).__name__}: {e})."
+        part.unlink()
+        if not continued or again:
+            what = "copy of" if kind == "folder" else "download of"
+            return f"The {what} {where} has md5 {actual}, not the official {expected} ({key}), so nothing was saved."
+        log.warning("%s: the resumed download has md5 %s, not the official %s; downloading it again from the start",
+                    where, actual, expected)
+    raise AssertionError("unreachable")
 
 
 def fetch_verified(key: str, dest_dir: Path) -> Path:
-    """Download ``URLS[key]`` to ``dest_dir/key``: temp file, md5 check, atomic rename. Raises UserError."""
-    url = URLS[key]
+    """Fetch ``key`` into ``dest_dir/key``: from ``$BENCH_DATA_MIRROR`` first if set, then ``URLS[key]``; via
+    ``dest_dir/key.part`` (resumed across tries and runs), md5 check, atomic rename. Raises UserError."""
     dest = dest_dir / key
-    log.warning("downloading %s -> %s", url, dest)
-
-    def write(tmp: str) -> None:
-        _fetch(url, tmp)
-        actual = md5_file(tmp)
-        if actual != CHECKSUMS[key]:
-            raise UserError(
-                f"The download of {url} has md5 {actual}, not the official {CHECKSUMS[key]}, so nothing was saved."
-            )
-
+    part = dest_dir / (key + PART_SUFFIX)
     try:
-        atomic_write(dest, write)
-    except UserError:
-        raise
-    except Exception as e:  # URLError, socket timeout, HTTP errors, disk full, unwritable cache ...
-        raise UserError(f"Downloading {url} to {dest} failed ({type(e).__name__}: {e}).") from None
-    return dest
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Cannot create the download folder {dest_dir} ({type(e).__name__}: {e}).") from None
+    with _folder_lock(dest_dir):
+        if dest.is_file():
+            return dest  # another process fetched it while this one waited (its md5 is checked when read)
+        sources = _sources(key)
+        problems = []
+        for i, (kind, where) in enumerate(sources):
+            problem = _get(kind, where, part, dest, key)
+            if problem is None:
+                return dest
+            problems.append(problem)
+            if i + 1 < len(sources):
+                log.warning("%s Trying the official URL %s instead.", problem, URLS[key])
+        kept = _size(part)
+        if kept:
+            problems.append(f"The {kept} bytes received so far are kept in {part}; the next download resumes there.")
+        else:
+            part.unlink(missing_ok=True)
+        raise UserError(" ".join(problems))

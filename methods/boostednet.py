@@ -160,7 +160,7 @@ class BoostedNet(ScoreExitMethod):
     batch_size: int = bounded(HeadConfig.batch_size, min=1)
 
     def fit(self, task: Task) -> "BoostedNet":
-        if task.exit_heads is not None:  # a multi-exit network's own heads (on MSDNet runs: trained as BoostedNet)
+        if task.network == BoostedMSDNet.name:  # the network's own heads, trained as BoostedNet with it
             self.weight_, self.bias_ = task.exit_heads
             self.val_accuracy_ = None
         else:

@@ -35,9 +35,13 @@ REAL_FETCH = _files._fetch
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """Empty cache under tmp_path, no system dirs, and no network (a fetch fails the test)."""
+    """Empty cache under tmp_path, no system dirs, no mirror, no retry waits, and no network (a fetch fails the
+    test)."""
     cache = tmp_path / "cache"
     monkeypatch.setenv(_files.ENV_VAR, str(cache))
+    monkeypatch.delenv(_files.MIRROR_ENV_VAR, raising=False)
+    monkeypatch.delenv(_files.CACHE_ENV_VAR, raising=False)
+    monkeypatch.setattr(_files, "_sleep", lambda s: None)
     monkeypatch.setattr(_files, "SYSTEM_DIRS", {})
 
     def no_network(url, dest):
@@ -247,7 +251,7 @@ def test_download_failure_is_quick_user_error(tmp_path, monkeypatch, isolated):
 
     def unreachable(url, dest):
         calls.append(url)
-        Path(dest).write_bytes(b"partial")  # a half-written temp file must not survive
+        Path(dest).write_bytes(b"partial")  # kept under the .part name only, for the next run to resume
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(_files, "_fetch", unreachable)
@@ -259,7 +263,8 @@ def test_download_failure_is_quick_user_error(tmp_path, monkeypatch, isolated):
     assert calls == [_files.URLS["train-images-idx3-ubyte.gz"]] and calls[0] in msg
     assert "Name or service not known" in msg and "--data-dir" in msg and "train-images-idx3-ubyte.gz" in msg
     assert str(isolated / "fashion-mnist") in msg and one_paragraph(msg)
-    assert list((isolated / "fashion-mnist").iterdir()) == []
+    assert "7 bytes received so far are kept" in msg  # a name-resolution failure is not retried
+    assert [p.name for p in (isolated / "fashion-mnist").iterdir()] == ["train-images-idx3-ubyte.gz.part"]
 
 
 def test_download_oserror_is_user_error(monkeypatch, isolated):
@@ -315,21 +320,25 @@ def test_real_fetch_over_file_url(tmp_path, monkeypatch, isolated):
 
 
 def test_real_fetch_times_out(monkeypatch, isolated):
-    """A server that accepts the connection but never answers: the timeout turns into a UserError."""
+    """A server that accepts the connection but never answers: the read times out, is retried after 1, 2 and 4 s
+    (not waited here), and turns into a UserError; nothing is left in the cache."""
     import socket
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
-    server.listen(1)
+    server.listen(8)  # room for every try's connection (the kernel completes them; nothing accepts them)
     try:
         url = f"http://127.0.0.1:{server.getsockname()[1]}/train_32x32.mat"
         monkeypatch.setitem(_files.URLS, "train_32x32.mat", url)
-        monkeypatch.setattr(_files, "TIMEOUT_S", 0.3)
+        monkeypatch.setattr(_files, "READ_TIMEOUT_S", 0.3)
         monkeypatch.setattr(_files, "_fetch", REAL_FETCH)
+        sleeps = []
+        monkeypatch.setattr(_files, "_sleep", sleeps.append)
         t0 = time.monotonic()
         with pytest.raises(UserError) as e:
             load_dataset("svhn")
         assert time.monotonic() - t0 < 3 and url in str(e.value) and "timed out" in str(e.value)
+        assert sleeps == [1, 2, 4] and "after 4 tries" in str(e.value)
         assert list((isolated / "svhn").iterdir()) == []
     finally:
         server.close()

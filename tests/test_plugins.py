@@ -142,7 +142,7 @@ def test_a_new_method_passes_the_conformance_suite(plugins, capsys):
     assert out.count("PASS") == 11 and "FAIL" not in out
 
 
-@pytest.mark.filterwarnings("ignore:fvcore: ops not counted")
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_new_method_and_a_new_backbone_run_end_to_end(plugins, tmp_path):
     rc = main(["run", "--methods", "margin-test,threshold", "--backbone", "tiny-resnet-test", "--budgets", "0.5,1.0",
                "--set", "margin-test.epochs=5", "--set", "threshold.epochs=5", "--set", "backbone.epochs=1",

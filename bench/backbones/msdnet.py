@@ -67,6 +67,10 @@ class MSDNetConfig:
 
     def validate(self) -> None:
         problems = []
+        if self.step_mode not in ("even", "lin_grow"):
+            problems.append(f"step_mode {self.step_mode!r} is not even or lin_grow")
+        if self.prune not in ("max", "min"):
+            problems.append(f"prune {self.prune!r} is not max or min")
         if len(self.gr_factor) != len(self.bn_factor):
             problems.append("gr_factor and bn_factor need one entry per scale")
         if self.img_size < 2 ** len(self.gr_factor):

@@ -39,7 +39,8 @@ class Task:
     macs: ExitMacs  # per-image MACs of the static backbone, per block
     key: str  # identifies the frozen backbone + split: methods may cache on it
     split_sha256: str = ""
-    backbone: str = "vit"  # vit | msdnet | msdnet-boosted (bench.pipeline.run.BACKBONE_KINDS)
+    backbone: str = "vit"  # the label of the network that produced the features (its plugin's ``label``)
+    network: str = "vit"  # the registered backbone plugin (bench.backbones) that produced them
     # a multi-exit backbone's own trained exit classifiers (MSDNet): weight [K, D, C], bias [K, C]; None for a
     # single-exit backbone, whose intermediate heads the methods train themselves
     exit_heads: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -4,7 +4,8 @@ UserError (exit 2) naming the field, the value and what is allowed.
 
 ``--set`` targets: ``METHOD.FIELD`` (a method's hyper-parameter), ``backbone.FIELD`` (the run's backbone,
 ``--backbone``), ``backbone.NAME.FIELD`` (any network of the run by its backbone name, e.g. the MSDNet the
-``msdnet`` method brings to a ViT run). A method field that is also a field of the network the method brings
+``msdnet`` method brings to a ViT run). ``backbone.FIELD`` also sets the field of a variant of the run's backbone
+(a subclass of its plugin: BoostedNet's MSDNet on an MSDNet run). A method field that is also a field of the network the method brings
 (BoostedNet's ``boost_weight``) configures both.
 """
 from __future__ import annotations
@@ -89,6 +90,9 @@ class RunConfig:
         fields = {f.name for f in dataclasses.fields(plugin.Config)}
         changes: dict[str, Any] = {}
         given = self.overrides.get("backbone", {})
+        if issubclass(plugin, self.plugin()) and network != self.run_backbone:
+            # a variant of the run's backbone (BoostedNet's MSDNet on an MSDNet run) shares its architecture
+            changes.update({k: v for k, v in given.items() if "." not in k})
         if network == self.run_backbone:
             changes.update(resolve_backbone(self.backbone or DEFAULT_BACKBONE)[1])
             if self.pretrained:

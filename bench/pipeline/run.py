@@ -100,7 +100,8 @@ def run_job(cfg: RunConfig, seed: int, method_name: str) -> dict:
     key = (cfg.dataset, cfg.data_dir, str(cache_dir_of(cfg)), seed)
     if _PROCESS_MEMO.get("key") != key:
         _PROCESS_MEMO.clear()
-        _PROCESS_MEMO.update(key=key, dataset=load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=False),
+        _PROCESS_MEMO.update(key=key, dataset=load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=False,
+                                                                   cache_dir=cfg.cache_dir),
                              loaded={})
     memo = _PROCESS_MEMO["loaded"]
     if network not in memo:
@@ -129,7 +130,7 @@ def execute(cfg: RunConfig, log=print) -> Path:
         torch.set_num_threads(cfg.threads)
     out = prepare_out(cfg)
     t0 = time.time()
-    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
+    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, cache_dir=cfg.cache_dir)
     log(f"dataset {dataset.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images, "
         f"{dataset.num_classes} classes (files and checksums in run.json)")
     seeds_info: dict[int, dict] = {}

@@ -72,7 +72,7 @@ def build_task(dataset: ImageDataset, splits: Splits, backbone: TrainedBackbone,
     heads = backbone.plugin.heads(backbone.model)
     return Task(dataset.name, splits.seed, dataset.num_classes, parts, heads.weight, heads.bias,
                 backbone.plugin.macs(backbone.model.cpu()), key=backbone.key, split_sha256=splits.sha256,
-                backbone=backbone.label, exit_heads=heads.exits)
+                backbone=backbone.label, network=backbone.plugin.name, exit_heads=heads.exits)
 
 
 @dataclass
@@ -92,7 +92,8 @@ def load_task(cfg: RunConfig, seed: int, network: str | None = None, dataset: Im
     """Split, backbone (``network``, default the run's) and features of one seed, built once and then served
     from ``cfg``'s cache, and the Task methods fit on."""
     if dataset is None:
-        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
+        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                               cache_dir=cfg.cache_dir)
     network = network or cfg.run_backbone
     cache = cache_dir_of(cfg)
     torch.manual_seed(seed)

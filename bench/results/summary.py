@@ -23,14 +23,9 @@ def method_label(method: str) -> str:
     return f"{method} (upper bound)" if is_bound(method) else method
 
 
-def backbone_short(backbone: str) -> str:
-    """``msdnet(img28,b4,...)`` -> ``msdnet``: the network's name without its configuration."""
-    return str(backbone).split("(")[0]
-
-
 def with_backbone(label: str, backbone: str, several: bool) -> str:
-    """A table/figure label, naming the network when a dataset's rows come from several."""
-    return f"{label} @ {backbone_short(backbone)}" if several else label
+    """A table/figure label, naming the network (its backbone label) when a dataset's rows come from several."""
+    return f"{label} @ {backbone}" if several else label
 
 
 def _cell(values: pd.Series, digits: int) -> str:
