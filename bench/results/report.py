@@ -29,7 +29,7 @@ from bench.base.errors import UserError
 from bench.base.hashing import atomic_write_text
 from bench.results import plots
 from bench.results.files import METRIC_COLUMNS
-from bench.results.summary import method_label, summary_table, with_backbone
+from bench.results.summary import method_label, summary_table, timing_table, with_backbone
 
 OVERALL_METRICS = ("accuracy", "macs_rel", "macs", "ece", "nll", "brier", "auroc_misclassification")
 CONFORMAL_METRICS = ("coverage", "set_size")
@@ -467,6 +467,9 @@ def _section(run_dir: Path, name: str, df: pd.DataFrame, split: str, budget: flo
              f"Mean ± std over seeds ({split}; `macs_rel` is the realised cost relative to the static backbone; "
              "bounds read labels and are marked as such):", "",
              summary_table(df, split)]
+    timing = timing_table(df)
+    if timing:
+        lines += ["", timing]
     lossy = [d for d in datasets if str(d).startswith(LOSSY_PREFIX)]
     if lossy:
         lines += ["", f"**{', '.join(lossy)}: the images are lossy JPEG re-encodings of CIFAR-10, not the official "
@@ -511,8 +514,8 @@ def build_page(run_dirs: Sequence[str | os.PathLike], page: str | os.PathLike, s
             f"`{page_command(run_dirs, page, split, budget)}`.", "",
             "# Results", "",
             "One section per run: the command that produced it, the machine it ran on, and its table (mean ± std "
-            "over seeds per method and budget). Run folders live under `results/runs/` (not in git): rerun a "
-            "section's command to recreate one.", ""]
+            "over seeds per method and budget), then the real early-exit timings when the run was timed. Rerun a "
+            "section's command to recreate its run folder.", ""]
     text = "\n".join(head + ["\n\n".join(s.text for s in sections)]) + "\n"
     written = []
     for name, section in zip(names, sections):

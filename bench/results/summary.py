@@ -2,6 +2,8 @@
 stands next to the realised test ``macs_rel``; with several seeds, cells read mean ± std."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -62,4 +64,28 @@ def summary_table(df: pd.DataFrame, split: str = "test") -> str:
         macs = f"| {_cell(g[g['metric'] == 'macs'].sort_values('seed')['value'] / 1e6, 2)} " if absolute else ""
         lines.append(f"| {dataset} | {name} | {label} | {cells['accuracy']} | {cells['macs_rel']} {macs}| "
                      f"{cells['ece']} | {g['seed'].nunique()} |")
+    return "\n".join(lines)
+
+
+TIMING_METRICS = ("wall_rel", "throughput", "latency_ms")
+
+
+def timing_table(df: pd.DataFrame) -> str | None:
+    """Markdown table of the real early-exit timings (``--timing``): per method and budget, the realised test
+    macs_rel beside wall_rel (early-exit wall-clock / the static network's, same device, batch and inputs),
+    throughput (images/s) and batch-1 median latency, mean ± std over seeds; None when the run was not timed."""
+    t = df[(df["split"] == "test") & df["exit"].isna() & df["metric"].isin(TIMING_METRICS) & df["budget"].notna()]
+    if t.empty:
+        return None
+    first = json.loads(t["params"].iloc[0])
+    cost = df[(df["split"] == "test") & df["exit"].isna() & (df["metric"] == "macs_rel") & df["budget"].notna()]
+    lines = [f"Real early exit on {first.get('device', '?')} (batch {first.get('timing_batch', '?')} for "
+             "wall_rel and throughput, batch 1 for latency; mean ± std over seeds):", "",
+             "| method | budget | macs_rel (test) | wall_rel | throughput (img/s) | latency (ms, batch 1) |",
+             "|---|---|---|---|---|---|"]
+    for (method, budget), g in t.groupby(["method", "budget"], sort=False):
+        c = cost[(cost["method"] == method) & (cost["budget"] == budget)].sort_values("seed")["value"]
+        cells = [_cell(g[g["metric"] == m].sort_values("seed")["value"], d)
+                 for m, d in (("wall_rel", 3), ("throughput", 0), ("latency_ms", 2))]
+        lines.append(f"| {method_label(method)} | {budget:g} | {_cell(c, 3)} | {' | '.join(cells)} |")
     return "\n".join(lines)
