@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from bench.backbones.base import Stages, TrainedBackbone, block_features, to_tensor
 from bench.base.hashing import atomic_write, atomic_write_text, file_sha256
+from bench.base.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,13 @@ def load_or_compute_features(cache_dir: Path, backbone: TrainedBackbone, dataset
     data = load_cached(path, meta_path, key)
     if data is not None:
         return data
+    with exclusive(path.with_suffix(".lock"), f"the features of {backbone.label}"):
+        data = load_cached(path, meta_path, key)  # written by the process we waited for
+        return data if data is not None else _compute_and_save(path, meta_path, key, backbone, dataset, device)
+
+
+def _compute_and_save(path: Path, meta_path: Path, key: str, backbone: TrainedBackbone, dataset, device: str
+                      ) -> dict[str, torch.Tensor]:
     img = backbone.config.img_size
     bs = backbone.config.eval_batch_size
     backbone.model.eval()

@@ -16,6 +16,7 @@ import torch
 
 from bench.backbones.base import BACKBONES, Backbone, TrainedBackbone
 from bench.base.hashing import atomic_write, config_hash
+from bench.base.locks import exclusive
 from bench.core.task import SplitData, Task
 from bench.pipeline.config import RunConfig, default_cache_dir
 from bench.pipeline.features import load_or_compute_features
@@ -38,28 +39,43 @@ def load_or_train_backbone(cache_dir: Path, plugin: type[Backbone], cfg, dataset
     rebuilt, with a warning."""
     key = backbone_key(plugin, cfg, dataset.name, splits.sha256, splits.seed, dataset.source)
     path = Path(cache_dir) / "backbones" / f"{dataset.name}-{plugin.name}-{key}.pt"
-    if path.exists():
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if ckpt.get("key") != key:
-                raise ValueError("checkpoint was made by another configuration")
-            model = plugin.create(cfg, dataset.train_x.shape[-1], dataset.num_classes, load_weights=False)
-            model.load_state_dict(ckpt["state_dict"])
-            model.eval().requires_grad_(False)
-            return TrainedBackbone(plugin, model.to(device), cfg, key, ckpt["val_accuracy"], ckpt["best_epoch"],
-                                   ckpt["history"])
-        except Exception as e:  # truncated, corrupt, unsafe or foreign file: never use it, rebuild
-            log.warning("backbone checkpoint %s is unusable (%s: %s); retraining", path, type(e).__name__, e)
-    tr, va = splits.train, splits.val
-    model, val_acc, best_epoch, history = plugin.train(
-        cfg, dataset.train_x[tr], dataset.train_y[tr], dataset.train_x[va], dataset.train_y[va],
-        dataset.num_classes, splits.seed, device,
-        desc=f"train backbone {plugin.label(cfg)} ({dataset.name}, seed {splits.seed})")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: torch.save({"key": key, "state_dict": state, "val_accuracy": float(val_acc),
-                                               "best_epoch": int(best_epoch), "history": history,
-                                               "config": dataclasses.asdict(cfg)}, tmp))
+    cached = _load_checkpoint(path, plugin, cfg, key, dataset, device)
+    if cached is not None:
+        return cached
+    with exclusive(path.with_suffix(".lock"), f"backbone {plugin.label(cfg)} ({dataset.name}, seed {splits.seed})"):
+        cached = _load_checkpoint(path, plugin, cfg, key, dataset, device)  # trained by the process we waited for
+        if cached is not None:
+            return cached
+        tr, va = splits.train, splits.val
+        model, val_acc, best_epoch, history = plugin.train(
+            cfg, dataset.train_x[tr], dataset.train_y[tr], dataset.train_x[va], dataset.train_y[va],
+            dataset.num_classes, splits.seed, device,
+            desc=f"train backbone {plugin.label(cfg)} ({dataset.name}, seed {splits.seed})")
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda tmp: torch.save({"key": key, "state_dict": state, "val_accuracy": float(val_acc),
+                                                   "best_epoch": int(best_epoch), "history": history,
+                                                   "config": dataclasses.asdict(cfg)}, tmp))
     return TrainedBackbone(plugin, model, cfg, key, val_acc, best_epoch, history)
+
+
+def _load_checkpoint(path: Path, plugin: type[Backbone], cfg, key: str, dataset: ImageDataset, device: str
+                     ) -> TrainedBackbone | None:
+    """The cached backbone, or None when there is none or it is unusable (truncated, corrupt, unsafe to load,
+    made by another configuration: reported, then rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt.get("key") != key:
+            raise ValueError("checkpoint was made by another configuration")
+        model = plugin.create(cfg, dataset.train_x.shape[-1], dataset.num_classes, load_weights=False)
+        model.load_state_dict(ckpt["state_dict"])
+        model.eval().requires_grad_(False)
+        return TrainedBackbone(plugin, model.to(device), cfg, key, ckpt["val_accuracy"], ckpt["best_epoch"],
+                               ckpt["history"])
+    except Exception as e:  # truncated, corrupt, unsafe or foreign file: never use it, rebuild
+        log.warning("backbone checkpoint %s is unusable (%s: %s); retraining", path, type(e).__name__, e)
+        return None
 
 
 def build_task(dataset: ImageDataset, splits: Splits, backbone: TrainedBackbone, feats: dict[str, torch.Tensor]

@@ -1,0 +1,86 @@
+"""One producer per cache entry: a lock file next to the entry, created atomically (``O_CREAT | O_EXCL``, which
+also works on the shared file systems Dask clusters use), holding the holder's host, pid and start time.
+
+A second process (another run, a Dask worker) that wants the same entry waits, says so once, and then reads
+what the first one wrote. A lock is stale, and is taken over, when its holder is on this host and no longer
+alive, when it is older than ``$BENCH_LOCK_STALE_S`` seconds (default six hours), or when it cannot be read.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+log = logging.getLogger(__name__)
+POLL_S = 0.5
+
+
+def _holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(info: dict | None) -> bool:
+    if info is None:
+        return True
+    max_age = float(os.environ.get("BENCH_LOCK_STALE_S", 6 * 3600))
+    if time.time() - float(info.get("since", 0)) > max_age:
+        return True
+    return info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1)))
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, what: str, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock file ``path`` for the block; ``what`` names the entry in the waiting message."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    said = False
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            info = _read(path)
+            if info is None:  # being written right now: give it a moment before calling it stale
+                time.sleep(POLL_S)
+                info = _read(path)
+            if _stale(info):
+                log.warning("removing stale lock %s (%s)", path, info)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            if not said:
+                message = (f"waiting for {info.get('host')}:{info.get('pid')}, which is building {what} "
+                           f"(lock {path})")
+                (say or log.warning)(message)
+                said = True
+            time.sleep(POLL_S)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(_holder(), f)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
