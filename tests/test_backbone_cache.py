@@ -1,7 +1,6 @@
 """The staged forward matches timm, and the checkpoint / feature caches never serve a stale or broken file."""
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 

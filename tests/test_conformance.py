@@ -2,7 +2,7 @@
 cheating methods (defined here, never registered) that each check must catch."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from bench.core import conformance as C
 from bench.measure.calibration import first_exit
 from bench.cli import main
 from bench.base.errors import UserError
-from bench.core.interface import METHODS, ExitMethod, OperatingPoint
+from bench.core.interface import METHODS, ExitMethod
 from methods.threshold import MaxSoftmaxThreshold
 
 

@@ -15,7 +15,7 @@ from scipy import stats
 
 from bench.cli import main
 from bench.results.files import METRIC_COLUMNS, command_line, machine
-from bench.results.report import aggregate, build_report, load_runs, paired_bootstrap
+from bench.results.report import aggregate, load_runs, paired_bootstrap
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ["accuracy_vs_cost", "ece_vs_cost", "conformal_vs_cost", "exit_distribution"]

@@ -59,7 +59,6 @@ def ece_equal_mass(confidence: np.ndarray, correct: np.ndarray, n_bins: int = EC
 
 
 def _binned_gap(bins: np.ndarray, confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
-    count = np.bincount(bins, minlength=n_bins)
     conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
     acc_sum = np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins)
     return float(np.abs(acc_sum - conf_sum).sum() / len(confidence))

@@ -20,7 +20,6 @@ import torch
 from bench.base.errors import UserError
 from bench.base.hashing import atomic_write_text
 from bench.core.interface import create_method, resolve_points
-from bench.core.task import Task
 from bench.pipeline.config import RunConfig, validate
 from bench.pipeline.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.pipeline.executors import run_jobs
