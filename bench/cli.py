@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of a method (METHOD.FIELD), of the run's backbone (backbone.FIELD) or of "
                         "another network of the run (backbone.NAME.FIELD); repeatable")
     r.add_argument("--out", default=None, help="output directory (default: results/runs/<run_id>/)")
-    r.add_argument("--data-dir", default=None, help="directory holding the dataset's official files")
+    r.add_argument("--data-dir", default=None,
+                   help="folder with the dataset's official files; with --dataset imagefolder, your image folder or "
+                        "a .zip/.tar(.gz) of it (train/ and test/ class folders, or one tree of class folders)")
     r.add_argument("--cache-dir", default=None, help="splits/backbones/features cache (default: ~/.cache/bench)")
     r.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     r.add_argument("--threads", type=int, default=None, help="torch threads per job")

@@ -2,9 +2,11 @@
 
 ``load_dataset(name, data_dir=None, download=True, cache_dir=None)`` returns an :class:`ImageDataset` (uint8
 ``[N, H, W, C]`` images, int64 labels, fixed train/test split). Registered names: ``digits`` (scikit-learn, embedded),
-``fashion-mnist`` (IDX), ``cifar10`` / ``cifar100`` / ``cifar100-lt`` (python-version pickles), ``svhn`` (.mat).
-Files are md5-verified; see :mod:`datasets._files` for where they are looked for and how they are downloaded
-(progress bar, retries, resume, the ``BENCH_DATA_MIRROR`` mirror, ``BENCH_DATA_DIR`` / ``BENCH_CACHE_DIR``).
+``fashion-mnist`` (IDX), ``cifar10`` / ``cifar100`` / ``cifar100-lt`` (python-version pickles), ``svhn`` (.mat), and
+``imagefolder``: the user's own class folders or archive of them (``data_dir`` required; see
+:mod:`datasets.imagefolder`). Official files are md5-verified; see :mod:`datasets._files` for where they are
+looked for and how they are downloaded (progress bar, retries, resume, the ``BENCH_DATA_MIRROR`` mirror,
+``BENCH_DATA_DIR`` / ``BENCH_CACHE_DIR``).
 Every user-fixable problem raises :class:`bench.base.errors.UserError`.
 """
 from __future__ import annotations
@@ -12,6 +14,6 @@ from __future__ import annotations
 from ._base import ImageDataset, list_datasets, load_dataset, register_dataset
 
 # Importing the loader modules registers them.
-from . import cifar, digits, fashion_mnist, svhn  # noqa: E402,F401  isort: skip
+from . import cifar, digits, fashion_mnist, imagefolder, svhn  # noqa: E402,F401  isort: skip
 
 __all__ = ["ImageDataset", "list_datasets", "load_dataset", "register_dataset"]

@@ -2,7 +2,8 @@
 
 Every loader returns an :class:`ImageDataset`: uint8 images stored channels-last ``[N, H, W, C]`` (C=1 for
 grayscale), int64 labels ``[N]`` in ``0 .. num_classes-1``, the class names, and a ``source`` string that says
-which files were read and which checksums they matched. Loaders are registered with
+which files were read and which checksums they matched, and optionally per-sample ids (``train_ids`` /
+``test_ids``: e.g. the relative file paths of a user's image folder). Loaders are registered with
 ``@register_dataset("name")``; registering a name twice is an error.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -25,9 +26,20 @@ Loader = Callable[[Optional[Path], bool], "ImageDataset"]
 _REGISTRY: Registry[Loader] = Registry("dataset")
 
 
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    """Decorator: register ``fn(data_dir, download) -> ImageDataset`` under ``name`` (duplicates raise)."""
-    return _REGISTRY.register(name)
+def register_dataset(name: str, *, accepts_files: bool = False) -> Callable[[Loader], Loader]:
+    """Decorator: register ``fn(data_dir, download) -> ImageDataset`` under ``name`` (duplicates raise).
+
+    ``accepts_files``: ``load_dataset`` passes ``data_dir`` on unchecked (it may name a file, e.g. an archive, or
+    not exist, or be None) and the loader reports problems itself; otherwise ``data_dir`` must be a directory."""
+    register = _REGISTRY.register(name)
+
+    def deco(fn: Loader) -> Loader:
+        register(fn)
+        if accepts_files:
+            fn.accepts_files = True  # type: ignore[attr-defined]
+        return fn
+
+    return deco
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +57,9 @@ class ImageDataset:
     num_classes: int
     classes: tuple[str, ...]
     source: str
+    # Optional sample ids (str, one per image; e.g. relative file paths), a tuple or numpy array, or None.
+    train_ids: Optional[Sequence[str]] = None
+    test_ids: Optional[Sequence[str]] = None
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
@@ -58,6 +73,9 @@ class ImageDataset:
             raise ValueError(f"{self.name}: train images {self.train_x.shape[1:]} != test {self.test_x.shape[1:]}")
         if len(self.classes) != self.num_classes:
             raise ValueError(f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes")
+        for split, ids, n in (("train", self.train_ids, len(self.train_y)), ("test", self.test_ids, len(self.test_y))):
+            if ids is not None and len(ids) != n:
+                raise ValueError(f"{self.name}: {len(ids)} {split}_ids for {n} {split} images")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -87,13 +105,14 @@ def load_dataset(
     missing files are downloaded into the cache unless ``download`` is false. The cache is ``$BENCH_DATA_DIR``,
     else ``<cache_dir>/data`` (``cache_dir``: the harness cache, default ``$BENCH_CACHE_DIR``), else
     ``~/.cache/bench/data``; see :mod:`datasets._files` for downloads (progress, retries, resume,
-    ``$BENCH_DATA_MIRROR``). Every problem the user can fix raises :class:`bench.base.errors.UserError`.
+    ``$BENCH_DATA_MIRROR``). A loader registered with ``accepts_files=True`` (``imagefolder``) gets ``data_dir``
+    unchecked: it may name an archive. Every problem the user can fix raises :class:`bench.base.errors.UserError`.
     """
     loader = _REGISTRY.get(name)  # UserError with "did you mean" for unknown names
     path = None
     if data_dir is not None:
         path = Path(data_dir).expanduser()
-        if not path.is_dir():
+        if not getattr(loader, "accepts_files", False) and not path.is_dir():
             raise UserError(
                 f"--data-dir {path} is not a directory. Pass --data-dir DIR naming an existing folder that holds "
                 f"the {name} files, or leave --data-dir out to use the cache."

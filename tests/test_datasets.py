@@ -66,7 +66,7 @@ def one_paragraph(msg: str) -> bool:
 
 
 def test_list_datasets_sorted():
-    assert list_datasets() == ["cifar10", "cifar100", "cifar100-lt", "digits", "fashion-mnist", "svhn"]
+    assert list_datasets() == ["cifar10", "cifar100", "cifar100-lt", "digits", "fashion-mnist", "imagefolder", "svhn"]
 
 
 def test_unknown_name_suggests():

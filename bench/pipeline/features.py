@@ -64,7 +64,7 @@ def load_or_compute_features(cache_dir: Path, backbone: TrainedBackbone, dataset
     data = load_cached(path, meta_path, key)
     if data is not None:
         return data
-    with exclusive(path.with_suffix(".lock"), f"the features of {backbone.label}"):
+    with exclusive(Path(cache_dir) / "locks" / f"features-{path.stem}.lock", f"the features of {backbone.label}"):
         data = load_cached(path, meta_path, key)  # written by the process we waited for
         return data if data is not None else _compute_and_save(path, meta_path, key, backbone, dataset, device)
 

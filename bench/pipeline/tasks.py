@@ -42,7 +42,7 @@ def load_or_train_backbone(cache_dir: Path, plugin: type[Backbone], cfg, dataset
     cached = _load_checkpoint(path, plugin, cfg, key, dataset, device)
     if cached is not None:
         return cached
-    with exclusive(path.with_suffix(".lock"), f"backbone {plugin.label(cfg)} ({dataset.name}, seed {splits.seed})"):
+    with exclusive(Path(cache_dir) / "locks" / f"{path.stem}.lock", f"backbone {plugin.label(cfg)} ({dataset.name}, seed {splits.seed})"):
         cached = _load_checkpoint(path, plugin, cfg, key, dataset, device)  # trained by the process we waited for
         if cached is not None:
             return cached
