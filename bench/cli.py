@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with the dataset's official files; with --dataset imagefolder, your image folder or "
                         "a .zip/.tar(.gz) of it (train/ and test/ class folders, or one tree of class folders)")
     r.add_argument("--cache-dir", default=None, help="splits/backbones/features cache (default: ~/.cache/bench)")
-    r.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    r.add_argument("--device", default="auto",
+                   help="auto (the default: CUDA when torch sees one, else CPU; printed first), cpu or cuda")
     r.add_argument("--threads", type=int, default=None, help="torch threads per job")
     r.add_argument("--pretrained", action="store_true", help="fine-tune timm's pretrained weights")
     r.add_argument("--no-download", dest="download", action="store_false", help="never download data")

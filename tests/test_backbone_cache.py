@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from bench.backbones.base import block_features, to_tensor
+from bench.backbones.base import augment_batch, block_features, to_tensor
 from bench.backbones.vit import ViT, ViTConfig, head_logits
 from bench.pipeline import features as F
 from bench.pipeline.tasks import load_or_train_backbone
@@ -81,3 +81,21 @@ def test_feature_cache_detects_corruption_and_foreign_keys(tmp_path, digits, mon
     meta.write_text(meta.read_text().replace(backbone.key, "0" * len(backbone.key)))
     F.load_or_compute_features(tmp_path, backbone, digits)
     assert len(calls) == 6 and "built for key" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["crop", "crop_flip"])
+def test_batched_augmentation_equals_the_per_image_crops(mode):
+    """The batched crop reads the same random draws as cropping image by image, and gives the same pixels."""
+    x = torch.randn(37, 3, 16, 16)
+    got = augment_batch(x, mode, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    pad = 2
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)
+    dy = torch.randint(0, 2 * pad + 1, (37,), generator=gen).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (37,), generator=gen).tolist()
+    want = torch.stack([xp[i, :, a:a + 16, b:b + 16] for i, (a, b) in enumerate(zip(dy, dx))])
+    if mode == "crop_flip":
+        flip = torch.rand(37, generator=gen) < 0.5
+        want[flip] = want[flip].flip(-1)
+    assert torch.equal(got, want)
+    assert (got == -1.0).any()  # some crops reach into the padding

@@ -118,6 +118,8 @@ def test_two_runs_on_one_empty_cache_train_one_backbone(tmp_path):
              for i in range(2)]
     logs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in logs]
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert all(out.splitlines()[0].startswith(f"device: {want} (--device auto: torch sees ") for out, _ in logs)
     trained = [("train backbone" in err) for _, err in logs]
     waited = [("which is building backbone" in err) for _, err in logs]
     # one trains; the other waits for it (or, had it started late, found the checkpoint): never both

@@ -177,17 +177,20 @@ AUGMENTATIONS = ("none", "crop", "crop_flip")
 
 
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Random crop after padding by 1/8 of the side (and a horizontal flip for ``crop_flip``)."""
+    """Random crop after padding by 1/8 of the side (and a horizontal flip for ``crop_flip``), batched."""
     if mode == "none":
         return x
     if mode not in AUGMENTATIONS:
         raise UserError(f"Unknown augmentation {mode!r}; use none, crop or crop_flip.")
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     pad = max(1, h // 8)
     xp = F.pad(x, (pad, pad, pad, pad), mode="constant", value=-1.0)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
-    out = torch.stack([xp[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    # every crop in one gather (no per-image Python loop); the same draws give the same crops as slicing each
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    out = xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
     if mode == "crop_flip":
         flip = torch.rand(n, generator=gen) < 0.5
         out[flip] = out[flip].flip(-1)

@@ -32,6 +32,13 @@ DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_BACKBONE = "vit"
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a CUDA device, else ``cpu``; any other value as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("BENCH_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "bench")
@@ -48,7 +55,7 @@ class RunConfig:
     # {"threshold": {"epochs": 5}, "backbone": {"depth": 4, "msdnet.epochs": 2}}: from --set TARGET.FIELD=VALUE
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     pretrained: bool = False
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when torch sees one, else CPU (resolved before the run id is computed)
     threads: int | None = None
     data_dir: str | None = None
     cache_dir: str | None = None
@@ -160,8 +167,8 @@ def validate(cfg: RunConfig) -> None:
         if not (0 < b <= 1) or not np.isfinite(b):
             raise UserError(f"Budget {b} is outside (0, 1]: a budget is a target mean cost relative to the "
                             "static backbone, e.g. --budgets 0.25,0.5,0.75,1.0.")
-    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise UserError(f"--device {cfg.device!r}: use cpu or cuda.")
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise UserError(f"--device {cfg.device!r}: use auto, cpu or cuda.")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA device here; use --device cpu.")
     if any(seed < 0 for seed in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):

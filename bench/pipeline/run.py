@@ -20,7 +20,7 @@ import torch
 from bench.base.errors import UserError
 from bench.base.hashing import atomic_write_text
 from bench.core.interface import create_method, resolve_points
-from bench.pipeline.config import RunConfig, validate
+from bench.pipeline.config import RunConfig, resolve_device, validate
 from bench.pipeline.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.pipeline.executors import run_jobs
 from bench.pipeline.runner import timing_metrics
@@ -124,7 +124,11 @@ def execute(cfg: RunConfig, log=print) -> Path:
     (splits, backbones, features) are built first, in this process, seed by seed; then the jobs run on the
     chosen executor and each writes its result file atomically under ``OUT/jobs/``; the tables are assembled
     from those files. Rerunning the same command with the same ``--out`` skips finished jobs."""
+    asked = cfg.device
+    cfg = dataclasses.replace(cfg, device=resolve_device(asked))
     validate(cfg)
+    seen = f"torch sees {torch.cuda.get_device_name(0)}" if cfg.device != "cpu" else "torch sees no CUDA device"
+    log(f"device: {cfg.device}" + (f" (--device auto: {seen})" if asked == "auto" else ""))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = prepare_out(cfg)
