@@ -182,15 +182,15 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Ten
         return x
     if mode not in AUGMENTATIONS:
         raise UserError(f"Unknown augmentation {mode!r}; use none, crop or crop_flip.")
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     pad = max(1, h // 8)
     xp = F.pad(x, (pad, pad, pad, pad), mode="constant", value=-1.0)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    # every crop in one gather (no per-image Python loop); the same draws give the same crops as slicing each
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    out = xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    # every crop at once (no per-image Python loop): the windows are a view [N, C, 2p+1, 2p+1, H, W], indexed
+    # per image; the same draws give the same crops as slicing image by image
+    windows = xp.unfold(2, h, 1).unfold(3, w, 1)
+    out = windows[torch.arange(n), :, dy, dx]
     if mode == "crop_flip":
         flip = torch.rand(n, generator=gen) < 0.5
         out[flip] = out[flip].flip(-1)
