@@ -89,6 +89,7 @@ def run_job(cfg: RunConfig, seed: int, method_name: str) -> dict:
     given the cache (built beforehand by ``execute``), so any executor may run it, and rerun it after a fault.
     Returns {"rows": metric rows, "decisions": decision blocks}, every row tagged with its backbone's label;
     ``static`` / ``static@NAME`` gives a network's static rows."""
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)

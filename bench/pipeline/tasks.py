@@ -18,7 +18,7 @@ from bench.backbones.base import BACKBONES, Backbone, TrainedBackbone
 from bench.base.hashing import atomic_write, config_hash
 from bench.base.locks import exclusive
 from bench.core.task import SplitData, Task
-from bench.pipeline.config import RunConfig, default_cache_dir
+from bench.pipeline.config import RunConfig, default_cache_dir, resolve_device
 from bench.pipeline.features import load_or_compute_features
 from bench.pipeline.splits import Splits, load_or_make_splits
 from datasets import ImageDataset, load_dataset
@@ -114,7 +114,8 @@ def load_task(cfg: RunConfig, seed: int, network: str | None = None, dataset: Im
     cache = cache_dir_of(cfg)
     torch.manual_seed(seed)
     splits = load_or_make_splits(cache, dataset.name, dataset.train_y, len(dataset.test_y), seed)
+    device = resolve_device(cfg.device)
     backbone = load_or_train_backbone(cache, BACKBONES.get(network), cfg.backbone_config(network), dataset, splits,
-                                      cfg.device)
-    feats = load_or_compute_features(cache, backbone, dataset, cfg.device)
+                                      device)
+    feats = load_or_compute_features(cache, backbone, dataset, device)
     return LoadedTask(dataset, splits, backbone, build_task(dataset, splits, backbone, feats))
