@@ -16,5 +16,12 @@ from bench.core.task import synthetic_task  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One cache for the tiny networks of the end-to-end tests, so each configuration trains once per pytest run
+    (tests that count trainings or need an empty cache keep their own)."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+@pytest.fixture(scope="session")
 def task():
     return synthetic_task()

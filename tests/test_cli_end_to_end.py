@@ -21,11 +21,11 @@ TINY = ["--set", "backbone.depth=3", "--set", "backbone.embed_dim=32", "--set", 
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, shared_cache):
     base = tmp_path_factory.mktemp("e2e")
     out = base / "out"
     rc = main(["run", "--methods", "threshold,entropy", "--seeds", "0,1", "--budgets", "0.02,0.4,0.7,1.0",
-               "--cache-dir", str(base / "cache"), "--out", str(out), *TINY])
+               "--cache-dir", str(shared_cache), "--out", str(out), *TINY])
     assert rc == 0
     return out
 
@@ -82,9 +82,9 @@ def test_static_row_equals_last_exit_head(run_dir):
     assert np.allclose(static.sort_index(), last.sort_index())
 
 
-def test_same_command_reuses_out_and_other_config_is_refused(run_dir, capsys):
+def test_same_command_reuses_out_and_other_config_is_refused(run_dir, capsys, shared_cache):
     before = (run_dir / "metrics.csv").read_bytes()
-    rc = main(["run", "--methods", "threshold", "--out", str(run_dir), "--cache-dir", str(run_dir.parent / "cache"),
+    rc = main(["run", "--methods", "threshold", "--out", str(run_dir), "--cache-dir", str(shared_cache),
                *TINY[:8], "--set", "threshold.epochs=5"])
     assert rc == 2
     err = capsys.readouterr().err
@@ -159,9 +159,9 @@ def test_conformal_rows_for_every_feasible_budget(run_dir):
     assert (size >= 0.5).all() and (size <= 10).all()
 
 
-def test_timing_rows(tmp_path):
+def test_timing_rows(tmp_path, shared_cache):
     rc = main(["run", "--methods", "threshold", "--budgets", "0.5,1.0", "--timing", "--timing-batch", "64",
-               "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), *TINY[:10]])
+               "--cache-dir", str(shared_cache), "--out", str(tmp_path / "out"), *TINY[:10]])
     assert rc == 0
     df = read_metrics(tmp_path / "out")
     t = df[df.metric.isin(["latency_ms", "latency_ms_p90", "throughput", "wall_rel"])]

@@ -254,23 +254,23 @@ def _tiny_msdnet(prefix: str) -> list[str]:
 
 
 VIT_TINY = ["--set", "backbone.depth=3", "--set", "backbone.embed_dim=32", "--set", "backbone.num_heads=2",
-            "--set", "backbone.epochs=2"]
+            "--set", "backbone.epochs=3"]  # the tiny ViT of tests/test_cli_end_to_end.py: trained once (shared_cache)
 PLAIN, BOOSTED, VIT = "msdnet-b3-c4-g2-16px", "msdnet-boosted-b3-c4-g2-16px", "vit-d3-w32-p2-8px"
 
 
-def _run(tmp_path, *args):
+def _run(tmp_path, shared_cache, *args):
     from bench.cli import main
     from bench.results.files import read_metrics
 
     out = tmp_path / "out"
-    rc = main(["run", "--dataset", "digits", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+    rc = main(["run", "--dataset", "digits", "--cache-dir", str(shared_cache), "--out", str(out),
                "--budgets", "0.5,1.0", *args])
     assert rc == 0
     return read_metrics(out)
 
 
-def test_backbone_msdnet_runs_every_method_on_msdnet_exits(tmp_path):
-    df = _run(tmp_path, "--backbone", "msdnet", "--methods", "msdnet,boostednet,threshold,patience",
+def test_backbone_msdnet_runs_every_method_on_msdnet_exits(tmp_path, shared_cache):
+    df = _run(tmp_path, shared_cache, "--backbone", "msdnet", "--methods", "msdnet,boostednet,threshold,patience",
               *_tiny_msdnet("backbone"), *_tiny_msdnet("backbone.msdnet-boosted"), "--set", "patience.epochs=3")
     by_method = df.groupby("method")["backbone"].unique().to_dict()
     assert set(by_method) == {"static", "msdnet", "boostednet", "threshold", "patience"}
@@ -285,8 +285,8 @@ def test_backbone_msdnet_runs_every_method_on_msdnet_exits(tmp_path):
     assert macs[macs["method"] == "static"]["value"].nunique() == 1  # one network, one static cost
 
 
-def test_msdnet_method_on_a_vit_run_brings_its_own_network(tmp_path):
-    df = _run(tmp_path, "--methods", "msdnet,threshold", *VIT_TINY, *_tiny_msdnet("backbone.msdnet"),
+def test_msdnet_method_on_a_vit_run_brings_its_own_network(tmp_path, shared_cache):
+    df = _run(tmp_path, shared_cache, "--methods", "msdnet,threshold", *VIT_TINY, *_tiny_msdnet("backbone.msdnet"),
               "--set", "threshold.epochs=3")
     statics = df[df["method"] == "static"]["backbone"].unique()
     assert sorted(statics) == [PLAIN, VIT]

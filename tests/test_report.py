@@ -92,10 +92,10 @@ def _digest(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, shared_cache):
     base = tmp_path_factory.mktemp("tiny")
     out = base / "run"
-    rc = main(["run", "--methods", "threshold,entropy", "--seeds", "0,1", "--cache-dir", str(base / "cache"),
+    rc = main(["run", "--methods", "threshold,entropy", "--seeds", "0,1", "--cache-dir", str(shared_cache),
                "--out", str(out), "--set", "backbone.depth=3", "--set", "backbone.embed_dim=32",
                "--set", "backbone.num_heads=2", "--set", "backbone.epochs=3"])
     assert rc == 0
