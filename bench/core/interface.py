@@ -118,13 +118,6 @@ class ExitMethod:
             shape = tuple(logits.shape) if hasattr(logits, "shape") else type(logits).__name__
             raise ValueError(f"{self.name}.{who}: expected per-exit logits of shape [K={k}, N, C], got {shape}.")
 
-    @staticmethod
-    def check_exit_logits(logits_k: torch.Tensor, who: str = "stream") -> None:
-        """One exit's logits must be a tensor [N_k, C]."""
-        if not isinstance(logits_k, torch.Tensor) or logits_k.ndim != 2:
-            raise ValueError(f"{who}: expected one exit's logits of shape [N_k, C], got "
-                             f"{tuple(getattr(logits_k, 'shape', ())) or type(logits_k).__name__}.")
-
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -185,8 +178,18 @@ class ScoreExitMethod(ExitMethod):
         raise NotImplementedError
 
     def scores(self, logits: torch.Tensor) -> np.ndarray:
-        """Scores [K, N] (or [N] for one exit's logits), float64."""
-        return self.score(logits.double()).numpy()
+        """Scores [K, N] (or [N] for one exit's logits), float64, memoised for the last few logits tensors seen
+        (by identity): the harness decides many operating points on the same outputs of a few splits."""
+        memo = self.__dict__.setdefault("_scores_memo", [])
+        for seen, scores in memo:
+            if seen is logits:
+                return scores
+        scores = self.score(logits.double()).numpy()
+        memo[:] = [*memo[-3:], (logits, scores)]
+        return scores
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_scores_memo"}
 
     def operating_points(self, task: Task, budgets: Sequence[float]) -> list[OperatingPoint]:
         """One point per feasible budget from the harness's shared calibration on validation."""

@@ -39,10 +39,13 @@ def prediction_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, floa
 
 
 class _Outputs:
-    """Per-exit logits and float64 softmax per (split, operating point), computed once per evaluation."""
+    """Per-exit logits and float64 softmax per (split, operating point), computed once per evaluation. Points
+    whose logits are equal (a score rule's heads serve every threshold) share one logits tensor and one softmax,
+    so a method's memo by tensor identity (``ScoreExitMethod.scores``) computes their scores once too."""
 
     def __init__(self, method: ExitMethod, task: Task):
         self.method, self.task, self._cache = method, task, {}
+        self._distinct: dict[str, list[tuple[torch.Tensor, np.ndarray]]] = {}  # per split
 
     def __call__(self, split_name: str, point: OperatingPoint | None) -> tuple[torch.Tensor, np.ndarray]:
         key = (split_name, None if point is None else canonical_json(point.params))
@@ -50,7 +53,12 @@ class _Outputs:
             logits = self.method.exit_logits(self.task.splits[split_name], point)
             if not torch.isfinite(logits).all():
                 raise ValueError(f"method {self.method.name} produced NaN or infinite logits on {split_name}")
-            self._cache[key] = (logits, M.softmax(logits.numpy()))  # [K, N, C], float64 probabilities
+            seen = self._distinct.setdefault(split_name, [])
+            same = next((s for s in seen if s[0].shape == logits.shape and torch.equal(s[0], logits)), None)
+            if same is None:
+                same = (logits, M.softmax(logits.numpy()))  # [K, N, C], float64 probabilities
+                seen.append(same)
+            self._cache[key] = same
         return self._cache[key]
 
 
