@@ -165,9 +165,10 @@ def run_jobs(cfg, jobs: list[Job], jobs_dir: Path, log: Callable, job_fn: Callab
     ``cfg.executor``. ``job_fn`` returns ``{"rows": [flat dicts of str/int/float/bool/None], "decisions":
     [dicts of such scalars and 1-D numpy arrays]}``."""
     results: dict[Job, dict] = {}
+    run_id = cfg.run_id  # derived from the whole configuration (it checks every network's config): once
     _warn_old_job_files(jobs_dir)
     for job in jobs:
-        r = load_finished(job_path(jobs_dir, job), cfg.run_id, job)
+        r = load_finished(job_path(jobs_dir, job), run_id, job)
         if r is not None:
             results[job] = r
     todo = [j for j in jobs if j not in results]
@@ -178,7 +179,7 @@ def run_jobs(cfg, jobs: list[Job], jobs_dir: Path, log: Callable, job_fn: Callab
     bar = tqdm(total=len(todo), desc=f"jobs ({cfg.executor})", unit="job", dynamic_ncols=True)
 
     def done(job: Job, result: dict) -> None:
-        save_finished(job_path(jobs_dir, job), cfg.run_id, job, result)
+        save_finished(job_path(jobs_dir, job), run_id, job, result)
         results[job] = result
         bar.update(1)
 
@@ -252,8 +253,9 @@ def _dask(cfg, todo, job_fn, done) -> dict:
     # a GPU job asks for a GPU resource, so two never share one by accident (workers: --resources GPU=1)
     resources = {"GPU": 1} if cfg.device.startswith("cuda") else None
     failures = {}
+    run_id = cfg.run_id
     try:
-        futures = {client.submit(job_fn, cfg, *job, key=f"bench-{cfg.run_id}-seed{job[0]}-{job[1]}", pure=False,
+        futures = {client.submit(job_fn, cfg, *job, key=f"bench-{run_id}-seed{job[0]}-{job[1]}", pure=False,
                                  retries=cfg.retries, resources=resources): job for job in todo}
         for fut in dask_as_completed(list(futures)):
             job = futures[fut]

@@ -31,7 +31,8 @@ from datasets import load_dataset
 
 
 def prepare_out(cfg: RunConfig) -> Path:
-    out = Path(cfg.out) if cfg.out else Path("results") / "runs" / cfg.run_id
+    run_id = cfg.run_id  # derived from the whole configuration (it checks every network): once
+    out = Path(cfg.out) if cfg.out else Path("results") / "runs" / run_id
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another path.")
     run_json = out / "run.json"
@@ -40,9 +41,9 @@ def prepare_out(cfg: RunConfig) -> Path:
             other = json.loads(run_json.read_text()).get("run_id")
         except ValueError:
             other = None
-        if other != cfg.run_id:
+        if other != run_id:
             raise UserError(f"--out {out} holds a run of another configuration (run_id {other}, this one is "
-                            f"{cfg.run_id}); its results are left untouched. Choose another --out, or drop --out "
+                            f"{run_id}); its results are left untouched. Choose another --out, or drop --out "
                             "to use results/runs/<run_id>/.")
     elif out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise UserError(f"--out {out} is not empty and holds no run.json: refusing to mix results with other "
@@ -50,7 +51,7 @@ def prepare_out(cfg: RunConfig) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not run_json.exists():  # claim the directory for this configuration before the long work starts
-            write_json(run_json, {"run_id": cfg.run_id, "status": "running"})
+            write_json(run_json, {"run_id": run_id, "status": "running"})
     except OSError as e:
         raise UserError(f"Cannot write to --out {out}: {e.strerror or e}. Choose a writable directory.") from None
     return out
@@ -160,7 +161,8 @@ def execute(cfg: RunConfig, log=print) -> Path:
         results = run_jobs(cfg, jobs, out / "jobs", log, run_job)  # JobFailures (exit 1) names the failed jobs
         rows = [r for job in jobs for r in results[job]["rows"]]
         decisions = [d for job in jobs for d in results[job]["decisions"]]
-        df = metrics_frame(rows, cfg.run_id, dataset.name, labels[cfg.run_backbone],
+        run_id = cfg.run_id
+        df = metrics_frame(rows, run_id, dataset.name, labels[cfg.run_backbone],
                            {seed: info["split_sha256"] for seed, info in seeds_info.items()})
         summary = summary_table(df)
         write_csv(decisions_frame(decisions), out / "decisions.csv.gz")
@@ -168,7 +170,7 @@ def execute(cfg: RunConfig, log=print) -> Path:
         atomic_write_text(out / "summary.md", summary + "\n")
         config = {**dataclasses.asdict(cfg), "resolved_backbones": {
             n: {"backbone": n, "label": labels[n], **dataclasses.asdict(cfg.backbone_config(n))} for n in cfg.networks()}}
-        write_json(out / "run.json", {"run_id": cfg.run_id, "status": "complete", **provenance(config, {
+        write_json(out / "run.json", {"run_id": run_id, "status": "complete", **provenance(config, {
             "dataset_source": dataset.source, "seeds": seeds_info, "duration_s": round(time.time() - t0, 2)},
             cfg.argv)})
     except OSError as e:  # full disk, read-only or vanished --out: every file is replaced atomically
