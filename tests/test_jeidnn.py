@@ -1,4 +1,5 @@
-"""JEI-DNN: its pieces checked against hand-computed values, then the fitted method's exit contract."""
+"""JEI-DNN (``jeidnn``, the official method, and ``jeidnn_consistent``): the pieces checked against hand-computed
+values, then each fitted variant's exit contract. The official schedule is tested in test_jeidnn_official.py."""
 import math
 import pickle
 import time
@@ -12,8 +13,12 @@ from bench.core.conformance import scramble_after_exit
 from bench.base.errors import UserError
 from bench.core.interface import OperatingPoint, create_method, resolve_points, stream_exits
 from bench.core.task import synthetic_task
-from methods.jeidnn import (
+from methods._jeidnn_parts import (
+    conditional_exit_probabilities,
+    conditional_targets,
+    cumulative_exit_probabilities,
     exit_probabilities,
+    first_at_least,
     gate_features,
     gate_targets,
     inference_exits,
@@ -21,6 +26,9 @@ from methods.jeidnn import (
     positive_weights,
     weighted_im_loss,
 )
+from methods.jeidnn_consistent import fit_gates
+
+VARIANTS = ("jeidnn", "jeidnn_consistent")
 
 FAST = {"lambdas": [0.05, 0.2, 1.0], "epochs": 4}  # enough to exercise every code path in well under a second
 
@@ -34,10 +42,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def fitted(task):
+@pytest.fixture(scope="module", params=VARIANTS)
+def fitted(task, request):
     t0 = time.perf_counter()
-    m = create_method("jeidnn").fit(task)
+    m = create_method(request.param).fit(task)
     m.fit_seconds = time.perf_counter() - t0
     return m
 
@@ -48,9 +56,9 @@ def hard_task():
     return synthetic_task(n=2000, noise=2.5)
 
 
-@pytest.fixture(scope="module")
-def hard(hard_task):
-    return create_method("jeidnn").fit(hard_task)
+@pytest.fixture(scope="module", params=VARIANTS)
+def hard(hard_task, request):
+    return create_method(request.param).fit(hard_task)
 
 
 # -- the pieces, by hand ---------------------------------------------------------------------------------------
@@ -148,6 +156,13 @@ def test_im_loss_detached_reweights_gradient_official_is_plain_ce():
     assert torch.allclose(ce_leaf.grad, w, atol=1e-12)
     with pytest.raises(ValueError, match="detached"):
         weighted_im_loss(ce, p, "bogus")
+    # probability: (K-1) sum_l P_l CE_l, weights independent of the CEs; mean over exits divides by K-1
+    ce_leaf = ce.clone().requires_grad_(True)
+    prob = weighted_im_loss(ce_leaf, p, "probability")
+    prob.backward()
+    assert prob.item() == pytest.approx(float((2 * (p * ce).sum(0)).mean()), rel=1e-12)
+    assert torch.allclose(ce_leaf.grad, 2 * p / 3, atol=1e-12)
+    assert weighted_im_loss(ce, p, "probability", "mean").item() == pytest.approx(prob.item() / 2, rel=1e-12)
 
 
 # -- the fitted method -----------------------------------------------------------------------------------------
@@ -167,7 +182,9 @@ def test_exit_logits_per_lambda_and_warmup(task, hard_task, hard):
     points = hard.operating_points(hard_task, [])
     per_point = [hard.exit_logits(split, p) for p in points]
     assert all(torch.equal(lg[-1], warm[-1]) for lg in per_point)
-    assert not torch.equal(per_point[0][0], warm[0])  # the IMs were trained further per lambda
+    # the consistent variant trains the IMs further per lambda; the official one cannot here: an epoch of 32
+    # mini-batches (< 200) has gate phases only (the official per-epoch phase counter)
+    assert torch.equal(per_point[0][0], warm[0]) == (hard.name == "jeidnn")
     for k in range(hard_task.num_exits):  # the runner's per-exit call gives the same logits
         assert torch.equal(hard.exit_head(k, split.features[k], points[2]), per_point[2][k])
     with pytest.raises(ValueError, match="not in the fitted grid"):
@@ -210,7 +227,7 @@ def test_budgets_respected_on_val_and_cost_falls_with_lambda(hard_task, hard):
 
 
 def test_fit_is_deterministic_label_blind_and_pickles(task, fitted):
-    again = create_method("jeidnn").fit(task)
+    again = create_method(fitted.name).fit(task)
     for name in ("warm_w_", "warm_b_", "im_w_", "im_b_", "gate_w_", "gate_b_"):
         assert torch.equal(getattr(again, name), getattr(fitted, name)), name
     test = task.splits["test"]
@@ -237,9 +254,9 @@ def test_fast_on_synthetic_and_close_to_threshold(task, fitted):
 
 
 def test_im_loss_modes_and_shared_heads(hard_task):
-    cfg = {**FAST, "alternate_every": 5}  # IM phases happen
-    det = create_method("jeidnn", cfg).fit(hard_task)
-    off = create_method("jeidnn", {**cfg, "im_loss": "official"}).fit(hard_task)
+    cfg = {**FAST, "epochs": 10, "alternate_every": 5}  # IM phases happen (num_epoch includes the warm-up)
+    det = create_method("jeidnn", {**cfg, "im_loss": "detached"}).fit(hard_task)
+    off = create_method("jeidnn", cfg).fit(hard_task)  # official: the default
     shared = create_method("jeidnn", {**cfg, "share_heads": True}).fit(hard_task)
     assert torch.equal(det.warm_w_, off.warm_w_)  # one warm-up for every variant
     assert not torch.allclose(det.im_w_, off.im_w_)  # the detached weights change what the IMs learn
@@ -257,3 +274,67 @@ def test_bad_fields_and_unfitted(task):
         create_method("jeidnn", {"lambdas": [0.1, 0.1]})
     with pytest.raises(UserError, match="call fit"):
         create_method("jeidnn").operating_points(task, [0.5])
+
+
+# -- the consistent variant ---------------------------------------------------------------------------------------
+
+def test_consistent_readings_of_the_gate_by_hand():
+    g = np.array([[0.5, 0.3, 0.6], [0.5, 0.2, 0.1], [0.4, 0.6, 0.9]])  # [K-1 = 3, N = 3]
+    p = conditional_exit_probabilities(torch.tensor(g)).numpy()
+    # sample 0: 0.5, 0.5 * 0.5, 0.4 * 0.25, rest 0.15
+    np.testing.assert_allclose(p[:, 0], [0.5, 0.25, 0.1, 0.15], atol=1e-12)
+    np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-12)
+    q = cumulative_exit_probabilities(torch.tensor(g)).numpy()
+    # sample 1: F = running max (0.3, 0.3, 0.6) -> P = (0.3, 0, 0.3, 0.4); sample 2: F = (0.6, 0.6, 0.9)
+    np.testing.assert_allclose(q[:, 1], [0.3, 0.0, 0.3, 0.4], atol=1e-12)
+    np.testing.assert_allclose(q[:, 2], [0.6, 0.0, 0.3, 0.1], atol=1e-12)
+    # first g_l >= 0.5 (inclusive); sample 1 leaves at gate 2; none -> the last exit
+    np.testing.assert_array_equal(first_at_least(g), [0, 2, 0])
+    np.testing.assert_array_equal(first_at_least(np.array([[0.1], [0.49]])), [2])
+    # conditional targets: gate l sees the samples still running at l (oracle >= l), target 1 where oracle == l
+    t, m = conditional_targets(torch.tensor([0, 1, 2]), 3)
+    assert t.tolist() == [[1, 0, 0], [0, 1, 0]] and m.tolist() == [[1, 1, 1], [0, 1, 1]]
+
+
+def test_fit_gates_recovers_a_known_logistic_model_and_ignores_masked_samples():
+    gen = torch.Generator().manual_seed(0)
+    n = 40000
+    f = torch.randn(2, n, 4, generator=gen) * torch.tensor([1.0, 2.0, 0.5, 3.0]) + torch.tensor([0.5, 1.0, 0.0, 2.0])
+    w_true = torch.tensor([[1.0, -0.5, 2.0, 0.25], [-1.0, 0.0, 0.5, 0.5]])
+    b_true = torch.tensor([0.3, -1.0])
+    y = (torch.rand(2, n, generator=gen) < torch.sigmoid((f * w_true[:, None]).sum(-1) + b_true[:, None])).float()
+    mask = torch.ones(2, n)
+    w, b, grad = fit_gates(f, y, mask, torch.ones(2), l2=0.0, max_iter=200)
+    assert grad < 1e-5
+    assert torch.allclose(w, w_true, atol=0.06) and torch.allclose(b, b_true, atol=0.08)
+    # samples outside the mask do not count, whatever their targets
+    extra_f, extra_y = torch.cat([f, f[:, :5000] * 3], 1), torch.cat([y, 1 - y[:, :5000]], 1)
+    extra_m = torch.cat([mask, torch.zeros(2, 5000)], 1)
+    w2, b2, _ = fit_gates(extra_f, extra_y, extra_m, torch.ones(2), l2=0.0, max_iter=200)
+    assert torch.allclose(w2, w, atol=1e-3) and torch.allclose(b2, b, atol=1e-3)
+
+
+def test_consistent_reaches_the_backbone_and_its_curve_is_not_capped(hard_task):
+    m = create_method("jeidnn_consistent").fit(hard_task)
+    test = hard_task.splits["test"]
+    static = (hard_task.final_logits(test).argmax(1).numpy() == test.labels).mean()
+    native = resolve_points(m, hard_task, [])
+    costs = [p.val_macs_rel for p in native]
+    p = native[int(np.argmax(costs))]
+    logits = m.exit_logits(test, p)
+    exits = m.decide(logits, p)
+    acc = (logits[exits, np.arange(len(test))].argmax(1).numpy() == test.labels).mean()
+    assert max(costs) > 0.6 and acc >= static - 0.005, (costs, acc, static)
+    assert (m.gate_grad_max_ < 1e-2).all()  # the gates are fitted, not left near their prior
+
+
+def test_consistent_threshold_option_meets_budgets(hard_task):
+    m = create_method("jeidnn_consistent", {**FAST, "exit_rule": "threshold"}).fit(hard_task)
+    budgets = [0.4, 0.6, 0.8]
+    points = resolve_points(m, hard_task, budgets)[:3]
+    val = hard_task.splits["val"]
+    for b, p in zip(budgets, points):
+        assert p.params["lambda"] == 0.05 and "threshold" in p.params  # the smallest lambda of the grid
+        cost = (m.costs_[m.decide(m.exit_logits(val, p), p)] / hard_task.macs.static).mean()
+        assert cost <= b + 1e-9 and cost > b - 0.05
+        assert np.array_equal(stream_exits(m, val.features, p)[0], m.decide(m.exit_logits(val, p), p))

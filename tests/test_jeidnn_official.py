@@ -3,10 +3,14 @@ inputs: ``tests/data/jeidnn_official_cases.npz`` (a copy of ``../shared/referenc
 beside it), or the file named by ``$JEIDNN_OFFICIAL_CASES``. Integers must match exactly, floats within 1e-5
 relative; the test fails when the file is missing or holds no case.
 
-Known differences, asserted rather than skipped: the project's official-mode IM loss sums over the G gated exits
-where the official code averages (G times larger), and where the official loss is NaN (a sample with
+The official method's own rules are what is checked (``JEIDNN.exits_from_gates``, ``oracle_costs``,
+``positive_weights``, ``gate_phase_loss``, ``im_phase_loss``), so a change to what ``jeidnn`` trains with fails
+here. Known differences, asserted rather than skipped: where the official IM loss is NaN (a sample with
 sum_l P_l CE_l = 0) the project falls back to plain CE. The official warm-up loss includes the frozen final
 head's CE; the project's warm-up trains the IMs only, so it leaves that constant term out.
+
+The schedule tests below check the fitted method's log of every mini-batch against numbers worked out by hand
+from the official rules (train_dynn.py, our_train_helper.py at HEAD 8dd598d).
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.jeidnn import (exit_probabilities, gate_features, gate_targets, inference_exits, oracle_exits,
-                            positive_weights, weighted_im_loss)
+from bench.core.interface import create_method
+from bench.core.task import synthetic_task
+from methods._jeidnn_parts import (_ce as ce_of, _im_logits, exit_probabilities, gate_features, gate_targets,
+                                   official_gate_phase, official_joint_epochs, official_joint_lr, oracle_exits)
 
 CASES = Path(os.environ.get("JEIDNN_OFFICIAL_CASES", Path(__file__).parent / "data" / "jeidnn_official_cases.npz"))
 RTOL, ATOL = 1e-5, 1e-6
@@ -35,6 +41,7 @@ def load_cases() -> list[dict[str, np.ndarray]]:
 
 
 CASE_LIST = load_cases() if CASES.is_file() else []
+OFFICIAL = create_method("jeidnn")
 
 
 def test_the_cases_file_is_there_and_not_empty():
@@ -66,7 +73,7 @@ def test_gate_pieces_match_the_official_code(i):
     g = torch.sigmoid(z)
     p = exit_probabilities(g)
     np.testing.assert_allclose(p[:-1].numpy(), c["out_exit_prob"], rtol=RTOL, atol=ATOL)
-    assert np.array_equal(inference_exits(g.numpy()), c["out_exit"])
+    assert np.array_equal(OFFICIAL.exits_from_gates(g.numpy()), c["out_exit"])
 
 
 @pytest.mark.parametrize("i", range(len(CASE_LIST)))
@@ -74,24 +81,29 @@ def test_oracle_targets_and_positive_weights_match_the_official_code(i):
     c = CASE_LIST[i]
     k = c["im_logits"].shape[0] + 1
     ce = torch.cat([_ce(c["im_logits"], c["targets"]), _ce(c["final_logits"][None], c["targets"])]).numpy()
-    costs = np.concatenate([c["im_costs"], [1.0]])  # the official last exit costs exactly 1
+    # the method's oracle costs: measured IM costs, the last exit exactly 1 whatever its measured cost
+    costs = OFFICIAL.oracle_costs(torch.tensor(np.concatenate([c["im_costs"], [1.07]]))).numpy()
+    assert costs[-1] == 1.0
     oracle = oracle_exits(ce, costs, float(c["lam"]))
     assert np.array_equal(oracle, c["out_oracle"])
     assert np.array_equal(gate_targets(oracle, k).astype(np.int64), c["out_gate_targets"])
     counts = np.bincount(oracle, minlength=k)[:-1]
     assert np.array_equal(counts, c["out_oracle_counts"])
-    np.testing.assert_allclose(positive_weights(oracle, k, cap=5.0), c["out_pos_weights"], rtol=RTOL)
+    np.testing.assert_allclose(OFFICIAL.positive_weights(torch.as_tensor(counts), len(oracle)).double().numpy(),
+                               c["out_pos_weights"], rtol=RTOL)
 
 
-@pytest.mark.xfail(strict=True, reason="the official gate-phase loss value (out_gate_loss_pos_weight_1) is not "
-                                       "reproduced yet: BCE with logits averaged over gates and samples, as the "
-                                       "project trains, differs from it (the official method is issue 11)")
 @pytest.mark.parametrize("i", range(len(CASE_LIST)))
 def test_gate_phase_loss_matches_the_official_code(i):
+    """The official helper's first-epoch loss: positive weights from counts of 1 per gate (weight = the cap, 5),
+    BCE with logits averaged over gates and samples."""
     c = CASE_LIST[i]
-    bce = F.binary_cross_entropy_with_logits(torch.as_tensor(c["out_gate_logits"], dtype=torch.float64),
-                                             torch.as_tensor(c["out_gate_targets"], dtype=torch.float64))
-    assert float(bce) == pytest.approx(float(c["out_gate_loss_pos_weight_1"]), rel=RTOL)
+    z = torch.as_tensor(c["out_gate_logits"], dtype=torch.float64)
+    t = torch.as_tensor(c["out_gate_targets"], dtype=torch.float64)
+    g_count, n = z.shape
+    first = OFFICIAL.positive_weights(torch.ones(g_count), n).double()
+    assert first.tolist() == [5.0] * g_count
+    assert float(OFFICIAL.gate_phase_loss(z, t, first)) == pytest.approx(float(c["out_gate_loss_pos_weight_1"]), rel=RTOL)
 
 
 @pytest.mark.parametrize("i", range(len(CASE_LIST)))
@@ -100,15 +112,84 @@ def test_im_and_warmup_losses_match_the_official_code(i):
     g_count = c["im_logits"].shape[0]
     ce = _ce(c["im_logits"], c["targets"])  # [G, N]
     p = torch.as_tensor(c["out_exit_prob"], dtype=torch.float64)
-    ours = float(weighted_im_loss(ce, p, "official"))
+    ours = float(OFFICIAL.im_phase_loss(ce, p))
     official = float(c["out_im_loss"])
-    # official mode: the attached ratio cancels the weights, so the loss is plain CE summed over the exits
-    assert ours == pytest.approx(float(ce.sum(0).mean()), rel=RTOL)
+    # the attached ratio cancels the weights: plain CE averaged over samples and exits
+    assert ours == pytest.approx(float(ce.mean()), rel=RTOL)
     if np.isnan(official):  # 0/0 in the official code; here those samples fall back to plain CE
         assert ((p * ce).sum(0) == 0).any() and np.isfinite(ours)
     else:
-        assert ours / g_count == pytest.approx(official, rel=RTOL)  # the official code averages over the exits
+        assert ours == pytest.approx(official, rel=RTOL)
     k = g_count + 1
     weights = torch.arange(k, 1, -1, dtype=torch.float64)  # K, K-1, ..., 2 for IMs 0..K-2
     warm = float((weights * ce.mean(-1)).sum() + _ce(c["final_logits"][None], c["targets"]).mean())
     assert warm == pytest.approx(float(c["out_warmup_loss"]), rel=RTOL)
+
+
+# -- the official schedule, by hand ------------------------------------------------------------------------------
+
+def test_schedule_rules_by_hand():
+    # phases switch every 200 batches on the index within the epoch, gate phase first
+    assert [official_gate_phase(b, 200) for b in (0, 199, 200, 399, 400, 600)] == [True, True, False, False, True,
+                                                                                   False]
+    assert [official_gate_phase(b, 2) for b in range(6)] == [True, True, False, False, True, True]
+    # num_epoch includes the warm-up
+    assert official_joint_epochs(20, 6) == 14 and official_joint_epochs(20, 2) == 18 and official_joint_epochs(3, 6) == 0
+    # cosine over T_max = num_epoch = 8, stepped per joint epoch: 2e-4 + 0.0098 (1 + cos(pi e / 8)) / 2
+    expected = [0.01, 0.00962701, 0.00856482, 0.00697515]
+    assert [official_joint_lr(e, 0.01, 2e-4, 8) for e in range(4)] == pytest.approx(expected, abs=1e-8)
+
+
+@pytest.fixture(scope="module")
+def scheduled():
+    """320 training samples = 5 mini-batches of 64 per epoch; phases every 2 batches; num_epoch 8 with a warm-up
+    that runs all its 3 epochs (patience 100)."""
+    task = synthetic_task(n=320, noise=2.5)
+    cfg = {"lambdas": [0.1, 1.0], "epochs": 8, "warmup_epochs": 3, "warmup_patience": 100, "alternate_every": 2}
+    return task, create_method("jeidnn", cfg).fit(task)
+
+
+def test_fitted_schedule_phases_lrs_epochs(scheduled):
+    task, m = scheduled
+    assert m.warmup_epochs_run_ == 3 and m.joint_epochs_run_ == 5  # 8 - 3
+    assert m.warmup_lrs_.tolist() == [0.01] * 15  # 3 epochs x 5 batches at the constant lr
+    log = m.schedule_  # (joint epoch, batch in epoch, gate phase, lr) per mini-batch
+    assert log.shape == (25, 4)
+    assert log[:, 0].tolist() == [e for e in range(1, 6) for _ in range(5)]
+    assert log[:, 1].tolist() == [0, 1, 2, 3, 4] * 5
+    assert log[:, 2].tolist() == [1, 1, 0, 0, 1] * 5  # the same in every epoch: the counter restarts
+    lrs = [0.01, 0.00962701, 0.00856482, 0.00697515, 0.00510000]
+    np.testing.assert_allclose(log[:, 3], np.repeat(lrs, 5), atol=1e-8)
+    # the last epoch is kept, whatever the validation objective did
+    assert m.best_epoch_.tolist() == [5, 5]
+    assert m.val_objective_.tolist() == m.val_objective_history_[-1].tolist()
+
+
+def test_fitted_positive_weights_start_at_the_cap_and_use_exact_counts(scheduled):
+    task, m = scheduled
+    assert m.pos_weight_history_.shape == (6, 2, 3)
+    assert (m.pos_weight_history_[0] == 5.0).all()
+    val = task.splits["val"]
+    yv = torch.from_numpy(val.labels)
+    costs = torch.tensor(m.gate_costs_)
+    assert costs[-1] == 1.0
+    for j, lam in enumerate(m.lambdas_):  # the final refresh, recomputed from the kept model
+        ce = torch.cat([ce_of(_im_logits(val.features[:3], m.im_w_[j], m.im_b_[j]), yv),
+                        ce_of(task.final_logits(val), yv)[None]]).double()
+        counts = np.bincount(oracle_exits(ce, costs, lam).numpy(), minlength=4)[:3]
+        n = len(yv)
+        expected = np.minimum((n - np.maximum(counts, 0.1)) / np.maximum(counts, 0.1), 5.0)
+        np.testing.assert_allclose(m.pos_weight_history_[-1, j], expected, rtol=1e-6)
+
+
+def test_ims_untrained_after_warmup_when_an_epoch_has_at_most_200_batches():
+    task = synthetic_task(n=2000, noise=2.5)  # 32 mini-batches per epoch: only gate phases
+    m = create_method("jeidnn", {"lambdas": [0.1], "epochs": 6, "warmup_epochs": 2}).fit(task)
+    assert (m.schedule_[:, 2] == 1).all() and m.joint_epochs_run_ > 0
+    assert torch.equal(m.im_w_[0], m.warm_w_) and torch.equal(m.im_b_[0], m.warm_b_)
+
+
+def test_no_warmup_epoch_gives_every_epoch_to_the_joint_phase():
+    task = synthetic_task(n=320, noise=2.5)
+    m = create_method("jeidnn", {"lambdas": [0.1], "epochs": 4, "warmup_patience": 0}).fit(task)
+    assert m.warmup_epochs_run_ == 0 and m.joint_epochs_run_ == 4 and len(m.warmup_lrs_) == 0
