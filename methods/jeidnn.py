@@ -239,6 +239,11 @@ class JEIDNNBase(ExitMethod):
         return np.stack([_gate_probs(logits[kk], self.gate_w_[j, kk].double().numpy(), float(self.gate_b_[j, kk]))
                          for kk in range(logits.shape[0] - 1)]).reshape(logits.shape[0] - 1, logits.shape[1])
 
+    def exit_scores(self, logits: torch.Tensor, point: OperatingPoint) -> np.ndarray:
+        """The score the exit rule reads at each intermediate exit [K-1, N]: the gate outputs (the harness
+        reports how well they rank each IM's correctness, ``exit_score_auroc``, next to max-softmax's)."""
+        return self.gate_outputs(logits, point)
+
     def decide(self, logits: torch.Tensor, point: OperatingPoint, targets: np.ndarray | None = None
                ) -> np.ndarray:
         return self.exits_from_gates(self.gate_outputs(logits, point))

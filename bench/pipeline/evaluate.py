@@ -92,6 +92,8 @@ def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPo
             r, d = _point_rows(method, task, split_name, split, probs, exit_idx, params, budget)
             rows += r
             decisions.append(d)
+            if split_name == "test" and hasattr(method, "exit_scores"):
+                rows += exit_score_rows(method, task, split, logits, probs, point, params, budget)
             if split_name == "test" and "cal" in task.splits:
                 rows += conformal_rows(method, task, point, outputs, probs, exit_idx, params, budget)
     return rows, decisions
@@ -114,6 +116,21 @@ def _point_rows(method, task, split_name, split, probs, exit_idx, params, budget
     decision = {"split": split_name, "seed": task.seed, "method": method.name, "budget": budget,
                 "sample_id": split.sample_ids, "exit": exit_idx, "pred": pred, "target": y, "confidence": conf}
     return rows, decision
+
+
+def exit_score_rows(method: ExitMethod, task: Task, split, logits: torch.Tensor, probs: np.ndarray,
+                    point: OperatingPoint, params: dict, budget) -> list[dict]:
+    """How well the score a method's exit rule reads (``method.exit_scores(logits, point)`` [K-1, N], e.g.
+    JEI-DNN's gate outputs) tells, at each intermediate exit k, whether head k is right, over every sample:
+    ``exit_score_auroc`` next to ``msp_auroc``, the same AUROC for head k's max softmax probability."""
+    scores = np.asarray(method.exit_scores(logits, point), dtype=np.float64)
+    row = partial(metric_row, "test", task.seed, method.name, params, budget)
+    n, rows = len(split), []
+    for k in range(scores.shape[0]):
+        correct = probs[k].argmax(1) == split.labels
+        rows.append(row("exit_score_auroc", M.auroc_misclassification(scores[k], correct), n, k))
+        rows.append(row("msp_auroc", M.auroc_misclassification(probs[k].max(1), correct), n, k))
+    return rows
 
 
 def conformal_rows(method: ExitMethod, task: Task, point: OperatingPoint, outputs: _Outputs,
