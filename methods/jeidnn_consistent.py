@@ -17,7 +17,8 @@ Method card
   * **IM weighting that shapes the gradient:** ``mean_n sum_l P_l CE_l stopgrad(r)``, r = sum CE / sum P CE
     (``im_loss="detached"``), so each IM specialises on the samples that will exit there.
   * **Gates fitted to convergence** in every gate phase: L-BFGS (strong Wolfe) on each gate's weighted logistic
-    loss over the whole training split, features standardised on the training split (the standardisation is
+    loss over the training split (a fixed random subset of ``gate_fit_samples`` = 16384 when it is larger: 5
+    parameters need no more, and the fit's time grows with N), features standardised on the training split (the standardisation is
     folded into the gate's weights, so inference and cost are unchanged), a small L2 penalty ``gate_l2`` on the
     weights (finite under separable data), warm-started from the previous phase.
   * **Positive weights:** ``pos_weight="none"`` (default): unweighted, so g estimates a probability and 0.5 means
@@ -115,6 +116,7 @@ class JEIDNNConsistent(JEIDNNBase):
     pos_weight_cap: float = bounded(5.0, min=0.0)
     gate_l2: float = bounded(1e-4, min=0.0)
     gate_max_iter: int = bounded(100, min=1)
+    gate_fit_samples: int = bounded(16384, min=0)  # training samples the gates are fitted on (0: all)
     exit_rule: str = choice("gate", ("gate", "threshold"))
     threshold_lambda: float | None = None
 
@@ -159,6 +161,10 @@ class JEIDNNConsistent(JEIDNNBase):
     def _joint(self, data: _Data, costs_rel: torch.Tensor, gen: torch.Generator, warm_opt) -> None:
         x, y = data.x, data.y
         km1, n, _ = x.shape
+        # the gates (5 parameters each) are fitted on a fixed random subset of the training split: the fit's cost
+        # grows with N, its precision barely beyond ~10^4 samples
+        sub = (torch.randperm(n, generator=gen)[:self.gate_fit_samples].sort().values
+               if 0 < self.gate_fit_samples < n else torch.arange(n))
         n_lam = len(self.lambdas_)
         w, b = self._per_lambda(self.warm_w_), self._per_lambda(self.warm_b_)
         gw, gb = torch.zeros(n_lam, km1, 4), torch.zeros(n_lam, km1)
@@ -176,7 +182,7 @@ class JEIDNNConsistent(JEIDNNBase):
         converged = []
         for epoch in tqdm(range(int(self.epochs) + 1), desc=f"jeidnn_consistent ({n_lam} lambdas)", unit="round",
                           leave=False, dynamic_ncols=True):
-            feats, t, m = self._gate_data(x, y, data.ce_last, w.detach(), b.detach(), costs_rel)
+            feats, t, m = self._gate_data(x[:, sub], y[sub], data.ce_last[sub], w.detach(), b.detach(), costs_rel)
             gw, gb, ok = fit_gates(feats, t, m, self._pos_weight(t, m), (gw, gb), self.gate_l2, self.gate_max_iter)
             converged.append(ok)
             for j in range(n_lam):

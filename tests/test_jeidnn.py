@@ -2,7 +2,6 @@
 values, then each fitted variant's exit contract. The official schedule is tested in test_jeidnn_official.py."""
 import math
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -44,10 +43,7 @@ def one_thread():
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def fitted(task, request):
-    t0 = time.perf_counter()
-    m = create_method(request.param).fit(task)
-    m.fit_seconds = time.perf_counter() - t0
-    return m
+    return create_method(request.param).fit(task)
 
 
 @pytest.fixture(scope="module")
@@ -238,8 +234,7 @@ def test_fit_is_deterministic_label_blind_and_pickles(task, fitted):
     assert np.array_equal(clone.decide(clone.exit_logits(test, p), p), exits)
 
 
-def test_fast_on_synthetic_and_close_to_threshold(task, fitted):
-    assert fitted.fit_seconds < 10
+def test_close_to_threshold_on_synthetic(task, fitted):
     thr = create_method("threshold").fit(task)
     test = task.splits["test"]
 
