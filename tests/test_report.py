@@ -276,14 +276,15 @@ def test_results_page_from_hand_built_runs(tmp_path, capsys):
             "took 12 s.") in toy
     assert "Machine: Other CPU, 16 cores, NVIDIA H100 · ran on cuda with 4 torch threads" in jpeg
     assert "(uncommitted changes)" not in jpeg
-    # one row per method x budget (plus the static backbone), mean ± std over the two seeds; bounds labelled
+    # one row per method x budget (plus the static backbone; each method's budgets in order), mean ± std over the
+    # two seeds; bounds labelled
     rows = [line for line in toy.splitlines() if line.startswith("| toy |")]
     assert rows == ["| toy | static backbone | — | 0.9500 ± 0.0000 | 1.000 ± 0.000 | — | 2 |",
+                    "| toy | threshold | 0.1 | infeasible | — | — | 2 |",
                     "| toy | threshold | 0.5 | 0.8500 ± 0.0707 | 0.505 ± 0.007 | 0.0250 ± 0.0071 | 2 |",
                     "| toy | patience | 0.5 | 0.8500 ± 0.0707 | 0.505 ± 0.007 | 0.0250 ± 0.0071 | 2 |",
                     "| toy | entropy | 0.5 | 0.0000 ± 0.0000 | 0.505 ± 0.007 | 0.0250 ± 0.0071 | 2 |",
-                    "| toy | oracle (upper bound) | 0.5 | 1.0000 ± 0.0000 | 0.505 ± 0.007 | 0.0250 ± 0.0071 | 2 |",
-                    "| toy | threshold | 0.1 | infeasible | — | — | 2 |"]
+                    "| toy | oracle (upper bound) | 0.5 | 1.0000 ± 0.0000 | 0.505 ± 0.007 | 0.0250 ± 0.0071 | 2 |"]
     assert sum(line.startswith("| cifar10-jpeg-q75 |") for line in jpeg.splitlines()) == 6
     # the lossy-JPEG warning under the JPEG run's table only
     assert "lossy JPEG" in jpeg and "lossy JPEG" not in toy

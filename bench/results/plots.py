@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from bench.base.hashing import atomic_write
+from bench.results.points import REACHED
 from bench.results.summary import is_bound
 
 FIGSIZE = (5.0, 3.8)
@@ -27,18 +28,23 @@ def _plt():
 
 def points(agg: pd.DataFrame, metric: str, score: str = "", scope: str = "", alpha: float | None = None,
            x_metric: str = "macs_rel") -> pd.DataFrame:
-    """Per dataset x label x budget: x (mean x_metric), xerr (its std), y (mean metric), yerr, method."""
-    keys = ["dataset", "backbone", "label", "method", "budget"]
+    """Per dataset x label x budget-or-own-point: x (mean x_metric), xerr (its std), y (mean metric), yerr,
+    method, point (the own point's native label, "" for budget rows) and kind. Budget rows that are not reached
+    (they repeat a smaller budget's point: :func:`bench.results.points.tag_points`) and infeasible ones are left
+    out."""
+    keys = ["dataset", "backbone", "label", "method", "budget", "point", "kind"]
     plain = agg["score"].fillna("") == ""
-    x = agg[plain & (agg["metric"] == x_metric)][keys + ["mean", "std"]].rename(columns={"mean": "x", "std": "xerr"})
-    sel = agg["metric"] == metric
+    drawn = agg["status"] == REACHED
+    x = agg[plain & drawn & (agg["metric"] == x_metric)][keys + ["mean", "std"]].rename(
+        columns={"mean": "x", "std": "xerr"})
+    sel = drawn & (agg["metric"] == metric)
     if score:
         sel &= (agg["score"] == score) & (agg["scope"] == scope) & np.isclose(agg["alpha"], alpha)
     else:
         sel &= plain
     y = agg[sel][keys + ["mean", "std"]].rename(columns={"mean": "y", "std": "yerr"})
     p = x.merge(y, on=keys, how="inner")
-    return p[np.isfinite(p["x"]) & np.isfinite(p["y"])]
+    return p[np.isfinite(p["x"]) & np.isfinite(p["y"])].reset_index(drop=True)
 
 
 def cost_points(agg: pd.DataFrame, metric: str, **conformal) -> tuple[pd.DataFrame, bool]:
@@ -57,19 +63,32 @@ def _xlabel(absolute: bool) -> str:
 
 
 def _draw_curves(ax, p: pd.DataFrame, palette: dict, ceiling: bool = False) -> None:
+    """Per label: the static backbone as a star; a method's budget rows joined by a line (dashed grey for bounds);
+    for a method with own points, those are its curve (a marker per point, joined by a line) and its budget rows
+    are open squares beside it."""
     for label, g in p.groupby("label", sort=False):
         g = g.sort_values("x")
-        err = {"xerr": g["xerr"].fillna(0), "yerr": g["yerr"].fillna(0)}
         if (g["method"] == "static").all():
-            ax.errorbar(g["x"], g["y"], **err, marker="*", markersize=12, linestyle="none", color="black",
+            ax.errorbar(g["x"], g["y"], **_err(g), marker="*", markersize=12, linestyle="none", color="black",
                         label=label, zorder=5)
-        elif is_bound(g["method"].iloc[0]):
-            ax.errorbar(g["x"], g["y"], **err, marker="o", linestyle="--", color="grey", label=label, capsize=2)
-            if ceiling:  # a bound on the metric: draw it across the whole cost axis
-                ax.axhline(g["y"].max(), linestyle="--", color="grey", linewidth=1)
-        else:
-            ax.errorbar(g["x"], g["y"], **err, marker="o", linestyle="-", color=palette[label], label=label,
-                        capsize=2)
+            continue
+        bound = is_bound(g["method"].iloc[0])
+        color = "grey" if bound else palette[label]
+        own, budget = g[g["kind"] == "own"], g[g["kind"] != "own"]
+        if len(own):
+            ax.errorbar(own["x"], own["y"], **_err(own), marker="o", markersize=4, linestyle=":" if bound else "-",
+                        color=color, label=f"{label}: own points", capsize=2)
+        if len(budget):
+            style = ({"marker": "s", "markerfacecolor": "none", "markersize": 7, "linestyle": "none"} if len(own)
+                     else {"marker": "o", "linestyle": "--" if bound else "-"})
+            ax.errorbar(budget["x"], budget["y"], **_err(budget), **style, color=color, capsize=2,
+                        label=f"{label}: budgets" if len(own) else label)
+        if bound and ceiling:  # a bound on the metric: draw it across the whole cost axis
+            ax.axhline(g["y"].max(), linestyle="--", color="grey", linewidth=1)
+
+
+def _err(g: pd.DataFrame) -> dict:
+    return {"xerr": g["xerr"].fillna(0), "yerr": g["yerr"].fillna(0)}
 
 
 def _palette(labels) -> dict:
@@ -100,8 +119,9 @@ def _grid(datasets, nrows: int = 1):
 def plot_metric_vs_cost(agg: pd.DataFrame, metric: str, ylabel: str | None = None, title: str | None = None,
                         ceiling: bool = False, **conformal):
     """One panel per dataset: ``metric`` against the realised test macs_rel, one curve per method (mean over
-    seeds, error bars = std), bounds dashed (with ``ceiling``, also as a horizontal line: the oracle's accuracy
-    bounds every method on the same heads), the static backbone as a star."""
+    seeds, error bars = std; a method with own operating points draws them as its curve, its budget rows as open
+    squares; budgets not reached are not drawn), bounds dashed (with ``ceiling``, also as a horizontal line: the
+    oracle's accuracy bounds every method on the same heads), the static backbone as a star."""
     p, absolute = cost_points(agg, metric, **conformal)
     if p.empty:
         return None

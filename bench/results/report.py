@@ -8,9 +8,17 @@ Aggregation: per dataset x backbone x method x budget x metric (conformal rows a
 interval from the t distribution (``t(0.975, n-1) * std / sqrt(n)``) over the seeds. Infeasible points (NaN
 values) are left out of the mean; a point with no finite value reads "infeasible".
 
-Comparisons: at each budget, every method against a reference (``threshold`` when present, else the first
-method), as a paired bootstrap of the accuracy difference over the same (seed, sample_id) pairs pooled over
-seeds (2,000 resamples, seeded). A difference whose 95 % percentile interval excludes 0 is marked ``*``.
+Own operating points (rows with an empty budget: JEI-DNN's λ points, patience's t, the oracle's unconstrained
+point) are aggregated like budget rows, keyed by their native label (``point``, e.g. ``λ=0.1``); a budget row
+that repeats the point of a smaller budget is ``not reached`` (the rule: :mod:`bench.results.points`).
+
+Comparisons (:func:`compare`) are made at equal realised test cost, never by budget: each point of a method (its
+reached budget rows and its own points) against the reference method (``threshold`` when present, else the
+first method) mixed between the two reference budget points whose test ``macs_rel`` bracket the point's, per
+seed (the expected correctness of a randomised policy whose expected cost is the point's). The accuracy
+difference is bootstrapped over the same (seed, sample_id) pairs pooled over seeds (2,000 resamples, seeded);
+a difference whose 95 % percentile interval excludes 0 is marked ``*``. A point outside the reference's cost
+range (by more than 0.02) is not compared, and its row says why.
 """
 from __future__ import annotations
 
@@ -29,7 +37,9 @@ from bench.base.errors import UserError
 from bench.base.hashing import atomic_write_text
 from bench.results import plots
 from bench.results.files import METRIC_COLUMNS
-from bench.results.summary import method_label, summary_table, timing_table, with_backbone
+from bench.results.points import (INFEASIBLE, KINDS, NOT_REACHED, REACHED, combine_status, status_text,
+                                  tag_points)
+from bench.results.summary import method_label, seeds_text, summary_table, timing_table, with_backbone
 
 OVERALL_METRICS = ("accuracy", "macs_rel", "macs", "ece", "nll", "brier", "auroc_misclassification")
 CONFORMAL_METRICS = ("coverage", "set_size")
@@ -37,9 +47,10 @@ TIMING_METRICS = ("wall_rel",)
 CONFORMAL_KEYS = ("score", "scope", "alpha")
 # split_sha256 is recorded by newer runs only; without it the split check is skipped for that run
 REQUIRED_COLUMNS = [c for c in METRIC_COLUMNS if c != "split_sha256"]
-GROUP_KEYS = ["dataset", "backbone", "label", "method", "budget", "metric", *CONFORMAL_KEYS]
+GROUP_KEYS = ["dataset", "backbone", "label", "method", "budget", "point", "metric", *CONFORMAL_KEYS]
 N_BOOT = 2000
 BOOT_SEED = 0
+COST_TOL = 0.02  # a point this close outside the reference's cost range is matched to its end point
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -105,24 +116,36 @@ def load_runs(run_dirs: Sequence[str | os.PathLike]) -> pd.DataFrame:
     return _label(df)
 
 
+DECISION_KEYS = ["dataset", "split", "seed", "method", "label", "budget", "params", "sample_id", "pred", "target"]
+
+
 def load_decisions(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """Decision rows of the runs in ``df`` at budgets (native points left out), with ``dataset`` and ``label``.
-    Runs without decisions.csv.gz contribute nothing."""
+    """Decision rows (one per sample and point) of the runs in ``df`` on ``split``, budget rows and own points
+    (empty budget), with ``dataset`` and ``label`` added. ``params`` is the point's params when the file records
+    them (it tells a method's own points apart), else empty. Runs without decisions.csv.gz contribute nothing."""
     frames = []
+    wanted = {"split", "seed", "method", "budget", "params", "sample_id", "pred", "target"}
     for run_dir, g in df.groupby("run_dir", sort=False):
         f = Path(run_dir) / "decisions.csv.gz"
         if not f.is_file():
             continue
-        d = pd.read_csv(f, usecols=["split", "seed", "method", "budget", "sample_id", "pred", "target"])
-        d = d[(d["split"] == split) & d["budget"].notna()]
+        try:
+            d = pd.read_csv(f, usecols=lambda c: c in wanted, dtype={"params": object})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, OSError) as e:
+            raise UserError(f"{f} is malformed and could not be read ({type(e).__name__}: {e}).")
+        missing = sorted(wanted - {"params"} - set(d.columns))
+        if missing:
+            raise UserError(f"{f} is malformed: missing column(s) {', '.join(missing)}.")
+        d = d[d["split"] == split]
         labels = g.drop_duplicates("method").set_index("method")["label"]
         d = d[d["method"].isin(labels.index)].copy()
         d["label"] = d["method"].map(labels)
         d["dataset"] = g["dataset"].iloc[0]
-        frames.append(d)
+        if "params" not in d.columns:
+            d["params"] = np.nan
+        frames.append(d[DECISION_KEYS])
     if not frames:
-        return pd.DataFrame(columns=["dataset", "split", "seed", "method", "label", "budget", "sample_id", "pred",
-                                     "target"])
+        return pd.DataFrame(columns=DECISION_KEYS)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -148,13 +171,31 @@ def _conformal_keys(params: str) -> tuple[str, str, float]:
     return str(p.get("score", "")), str(p.get("scope", "")), float(p.get("alpha", np.nan))
 
 
+def _group_status(g: pd.DataFrame) -> tuple[str, str, int, float]:
+    """(kind, status over the seeds, seeds not reached, largest val cost) of one aggregated group."""
+    kind = g["kind"].iloc[0]
+    per_seed = g.drop_duplicates("seed")
+    if kind != "budget":
+        return kind, REACHED, 0, float(per_seed["val_cost"].max())
+    return (kind, combine_status(per_seed["status"]), int((per_seed["status"] == NOT_REACHED).sum()),
+            float(per_seed["val_cost"].max()))
+
+
+AGG_COLUMNS = [*GROUP_KEYS, "kind", "status", "not_reached", "val_cost_max", "seeds", "n", "mean", "std", "ci_half",
+               "ci_low", "ci_high"]
+
+
 def aggregate(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """One row per dataset x backbone x method x budget x metric (x score/scope/alpha for conformal rows):
-    n (seeds with a finite value), mean, std, ci_half, ci_low, ci_high. Budget rows and the static backbone
-    (budget NaN) only; native operating points are left out."""
+    """One row per dataset x backbone x method x budget-or-point x metric (x score/scope/alpha for conformal
+    rows): n (seeds with a finite value), mean, std, ci_half, ci_low, ci_high over the seeds. Budget rows, the
+    static backbone and each method's own points (``point``: the native label, e.g. ``λ=0.1``; empty for budget
+    rows), with ``kind`` (static / budget / own), ``status`` (reached / not reached / infeasible, over the seeds:
+    :func:`bench.results.points.combine_status`), ``not_reached`` (seeds on which the budget row repeats a
+    smaller budget's point) and ``val_cost_max`` (the largest validation macs_rel of the chosen points).
+    Ordered per method: budget rows by budget, then own points by mean test macs_rel."""
     metrics = OVERALL_METRICS + CONFORMAL_METRICS + TIMING_METRICS
-    d = df[(df["split"] == split) & df["exit"].isna() & df["metric"].isin(metrics)]
-    d = d[d["budget"].notna() | (d["method"] == "static")].copy()
+    t = tag_points(df[df["split"] == split])
+    d = t[t["exit"].isna() & t["metric"].isin(metrics) & t["kind"].isin(KINDS)].copy()
     conf = d["metric"].isin(CONFORMAL_METRICS)
     keys = [_conformal_keys(p) if c else ("", "", np.nan) for p, c in zip(d["params"], conf)]
     d["score"], d["scope"], d["alpha"] = ([k[i] for k in keys] for i in range(3))
@@ -162,14 +203,20 @@ def aggregate(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     rows = []
     for key, g in d.groupby(GROUP_KEYS, dropna=False, sort=False):
         n, mean, std, half = mean_std_ci(g["value"])
-        rows.append({**dict(zip(GROUP_KEYS, key)), "seeds": g["seed"].nunique(), "n": n, "mean": mean, "std": std,
+        kind, status, not_reached, val_cost = _group_status(g)
+        rows.append({**dict(zip(GROUP_KEYS, key)), "kind": kind, "status": status, "not_reached": not_reached,
+                     "val_cost_max": val_cost, "seeds": g["seed"].nunique(), "n": n, "mean": mean, "std": std,
                      "ci_half": half, "ci_low": mean - half, "ci_high": mean + half})
-    out = pd.DataFrame(rows, columns=[*GROUP_KEYS, "seeds", "n", "mean", "std", "ci_half", "ci_low", "ci_high"])
+    out = pd.DataFrame(rows, columns=AGG_COLUMNS)
+    where = ["dataset", "backbone", "label", "point"]
+    cost = out[(out["metric"] == "macs_rel") & (out["kind"] == "own")].set_index(where)["mean"].to_dict()
     out["_static"] = out["method"] != "static"
     out["_order"] = out["label"].map(order)
-    out = out.sort_values(["dataset", "backbone", "_static", "_order", "budget", "metric", "score", "scope",
-                           "alpha"], kind="stable", na_position="first")
-    return out.drop(columns=["_static", "_order"]).reset_index(drop=True)
+    out["_own"] = out["kind"] == "own"
+    out["_cost"] = [cost.get(k, np.inf) if own else 0.0 for k, own in zip(zip(*(out[c] for c in where)), out["_own"])]
+    out = out.sort_values(["dataset", "backbone", "_static", "_order", "_own", "budget", "_cost", "point", "metric",
+                           "score", "scope", "alpha"], kind="stable", na_position="first")
+    return out.drop(columns=["_static", "_order", "_own", "_cost"]).reset_index(drop=True)
 
 
 def budgets_of(agg: pd.DataFrame, feasible: bool = False) -> list[float]:
@@ -206,23 +253,42 @@ def exit_distribution(df: pd.DataFrame, budget: float, split: str = "test") -> p
 
 def paired_bootstrap(correct_a, correct_b, n_boot: int = N_BOOT, seed: int = BOOT_SEED,
                      level: float = 0.95) -> dict:
-    """Bootstrap of mean(correct_a) - mean(correct_b) over paired samples. The per-sample difference takes
-    values in {+1, 0, -1}, so resampling n pairs with replacement is exactly a multinomial draw of the three
-    counts: no n_boot x n index matrix. Returns diff, lo, hi, significant (interval excludes 0), n."""
-    a = np.asarray(correct_a, dtype=bool)
-    b = np.asarray(correct_b, dtype=bool)
-    if a.shape != b.shape:
-        raise ValueError("paired samples must have the same length")
+    """Bootstrap of mean(correct_a) - mean(correct_b) over paired samples. Correctness is 0/1 (bool) or a
+    fraction in [0, 1] (the expected correctness of a mixture of two points). The per-sample difference takes
+    few distinct values (3 for 0/1 inputs; a handful per mixing weight), so resampling n pairs with replacement
+    is exactly a multinomial draw of their counts: no n_boot x n index matrix. Returns diff, lo, hi,
+    significant (interval excludes 0), n. Raises ValueError for unequal lengths or values outside [0, 1]."""
+    a = np.asarray(correct_a, dtype=float)
+    b = np.asarray(correct_b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired samples must be two 1-d arrays of the same length, got shapes {a.shape} and "
+                         f"{b.shape}")
+    for name, x in (("correct_a", a), ("correct_b", b)):
+        if not (np.isfinite(x).all() and (x >= -1e-9).all() and (x <= 1 + 1e-9).all()):
+            raise ValueError(f"{name} must hold correctness in [0, 1] (bool or a mixture's fraction)")
     n = len(a)
     if n == 0:
         return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "significant": False, "n": 0}
-    d = a.astype(np.int8) - b.astype(np.int8)
-    p = np.array([(d == 1).sum(), (d == 0).sum(), (d == -1).sum()], dtype=float) / n
-    counts = np.random.default_rng(seed).multinomial(n, p, size=n_boot)
-    boot = (counts[:, 0] - counts[:, 2]) / n
+    d = np.clip(a, 0, 1) - np.clip(b, 0, 1)
+    boot = _resampled_means(d, n_boot, np.random.default_rng(seed))
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "significant": bool(lo > 0 or hi < 0),
             "n": n}
+
+
+MAX_CATEGORIES = 256  # above this many distinct differences, resample indices (in chunks) instead
+
+
+def _resampled_means(d: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_boot] means of ``d`` [n] resampled with replacement: a multinomial draw of the counts of its distinct
+    values when there are few, else index resampling 64 resamples at a time."""
+    n = len(d)
+    values, counts = np.unique(d, return_counts=True)
+    if len(values) <= MAX_CATEGORIES:
+        values, counts = values[::-1], counts[::-1]  # +1, 0, -1 for 0/1 inputs
+        return rng.multinomial(n, counts / n, size=n_boot) @ values / n  # [n_boot, distinct] @ [distinct]
+    return np.concatenate([d[rng.integers(0, n, (min(64, n_boot - i), n))].mean(axis=1)
+                           for i in range(0, n_boot, 64)])
 
 
 def reference_label(labels: Sequence[str], methods: Sequence[str] | None = None) -> str | None:
@@ -232,25 +298,174 @@ def reference_label(labels: Sequence[str], methods: Sequence[str] | None = None)
     return ref[0] if ref else (pairs[0][0] if pairs else None)
 
 
-def compare(decisions: pd.DataFrame, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> pd.DataFrame:
-    """Per dataset x budget x method: accuracy difference to the reference method on the same
-    (seed, sample_id) pairs pooled over seeds, with its bootstrap interval."""
+def bracket(costs, m: float, tol: float = COST_TOL) -> tuple[int, int, float] | None:
+    """The mixture of two points that costs ``m``: indices (i, j) into ``costs`` [P] (realised test macs_rel of
+    the reference's points) with costs[i] <= m <= costs[j] as close as possible, and the weight
+    w = (m - costs[i]) / (costs[j] - costs[i]) of point j, so (1 - w) costs[i] + w costs[j] = m. When m lies
+    outside [min, max] by at most ``tol``, the end point alone (i = j, w = 0); farther out, None."""
+    c = np.asarray(costs, dtype=float)
+    if c.ndim != 1 or not len(c) or not np.isfinite(c).all():
+        raise ValueError(f"costs must be a non-empty 1-d array of finite numbers, got {c!r}")
+    if not np.isfinite(m):
+        raise ValueError(f"the cost to match must be finite, got {m!r}")
+    below, above = np.flatnonzero(c <= m), np.flatnonzero(c >= m)
+    if not len(below) or not len(above):
+        end = int(np.argmin(c)) if not len(below) else int(np.argmax(c))
+        return (end, end, 0.0) if abs(c[end] - m) <= tol else None
+    i, j = int(below[np.argmax(c[below])]), int(above[np.argmin(c[above])])
+    return i, j, (0.0 if c[j] == c[i] else float((m - c[i]) / (c[j] - c[i])))
+
+
+COMPARISON_COLUMNS = ["dataset", "label", "budget", "point", "macs_rel", "ref_macs_rel", "reference", "accuracy",
+                      "ref_accuracy", "diff", "lo", "hi", "significant", "n", "seeds", "note"]
+
+
+def point_table(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """One row per method point and seed on ``split`` (budget rows, own points; static left out): dataset,
+    label, method, seed, kind, status, budget, point, chosen, params, macs_rel (realised, from metrics.csv)."""
+    t = tag_points(df[df["split"] == split])
+    a = t[t["exit"].isna() & (t["metric"] == "macs_rel") & t["kind"].isin(("budget", "own"))]
+    return a[["dataset", "label", "method", "seed", "kind", "status", "budget", "point", "chosen", "params",
+              "value"]].rename(columns={"value": "macs_rel"}).reset_index(drop=True)
+
+
+def _budget_key(budget: float) -> tuple:
+    return ("budget", round(float(budget), 9))
+
+
+class _Decisions:
+    """Per-sample correctness of each point: (dataset, label, seed, key) -> float array indexed by sample_id,
+    key ("budget", b) for budget rows, ("params", json) for own points when the file records params, else
+    ("own",) for all of a (label, seed)'s own-point rows together (usable only if that is one point)."""
+
+    def __init__(self, decisions: pd.DataFrame):
+        d = decisions.assign(correct=(decisions["pred"] == decisions["target"]).astype(float))
+        self.has_params = bool(d["params"].notna().any()) if "params" in d else False
+        self.labels = set(zip(d["dataset"], d["label"]))  # the (dataset, label) pairs with any decision
+        self._map: dict = {}
+        own = d["budget"].isna()
+        for (ds, lab, seed, b), g in d[~own].groupby(["dataset", "label", "seed", "budget"], sort=False):
+            self._map[(ds, lab, seed, _budget_key(b))] = g.set_index("sample_id")["correct"]
+        keys = ["dataset", "label", "seed", "params"] if self.has_params else ["dataset", "label", "seed"]
+        for k, g in d[own].groupby(keys, sort=False):
+            key = ("params", k[3]) if self.has_params else ("own",)
+            self._map[(*k[:3], key)] = g.set_index("sample_id")["correct"]
+
+    def get(self, dataset: str, label: str, seed: int, row, n_own: int) -> tuple[pd.Series | None, str]:
+        """The correctness of a point-table ``row`` on ``seed`` (None and the reason when it is not recorded)."""
+        if (dataset, label) not in self.labels:
+            return None, f"no decisions of {label} (its run has no decisions.csv.gz)"
+        if row["kind"] == "budget":
+            c = self._map.get((dataset, label, seed, _budget_key(row["budget"])))
+        elif self.has_params:
+            c = self._map.get((dataset, label, seed, ("params", row["params"])))
+        elif n_own == 1:
+            c = self._map.get((dataset, label, seed, ("own",)))
+        else:
+            return None, ("own points' decisions cannot be told apart (decisions.csv.gz records no params and "
+                          f"{label} has {n_own} own points)")
+        if c is None:
+            return None, f"decisions.csv.gz has no decisions of this point of {label}"
+        if not c.index.is_unique:
+            return None, "decisions.csv.gz repeats sample ids for this point"
+        return c, ""
+
+
+def _matched_seed(m: float, ref: pd.DataFrame, dec: _Decisions, dataset: str, ref_label: str, seed: int):
+    """The reference mixture at cost ``m`` on one seed: (correctness Series, mixture cost, note) or
+    (None, nan, reason). ``ref``: the reference's reached budget rows on that seed."""
+    if ref.empty:
+        return None, np.nan, f"the reference {ref_label} has no reached budget point"
+    costs = ref["macs_rel"].to_numpy(dtype=float)
+    if not np.isfinite(m):
+        return None, np.nan, "the point's realised cost is not finite"
+    hit = bracket(costs, m)
+    if hit is None:
+        side = "below" if m < costs.min() else "above"
+        return None, np.nan, f"cost {m:.3f} is {side} the reference's range [{costs.min():.3f}, {costs.max():.3f}]"
+    i, j, w = hit
+    parts = []
+    for k in (i, j):
+        c, why = dec.get(dataset, ref_label, seed, ref.iloc[k], 1)
+        if c is None:
+            return None, np.nan, f"reference: {why}"
+        parts.append(c)
+    mix = ((1 - w) * parts[0] + w * parts[1].reindex(parts[0].index)).clip(0.0, 1.0)
+    cost = (1 - w) * costs[i] + w * costs[j]
+    note = (f"cost {m:.3f} matched to the reference's end point at {cost:.3f} (within {COST_TOL:g})"
+            if i == j and abs(cost - m) > 1e-12 else "")
+    return mix.dropna(), float(cost), note
+
+
+def _compare_point(rows: pd.DataFrame, ref: pd.DataFrame, dec: _Decisions, dataset: str, ref_label: str,
+                   n_boot: int, seed: int, n_own: dict) -> dict:
+    """One comparison row: a point's seeds (``rows``: point-table rows of one label and budget or own point)
+    against the reference mixed at each seed's realised cost, pooled over the matched seeds."""
+    label, first = rows["label"].iloc[0], rows.iloc[0]
+    a_all, b_all, costs, ref_costs, used = [], [], [], [], []
+    notes: dict[str, list] = {}  # reason -> seeds
+    for _, r in rows.sort_values("seed").iterrows():
+        s = r["seed"]
+        costs.append(r["macs_rel"])
+        mine, why = dec.get(dataset, label, s, r, n_own.get((label, s), 0))
+        if mine is None:
+            notes.setdefault(why, []).append(s)
+            continue
+        mix, cost, why = _matched_seed(float(r["macs_rel"]), ref[ref["seed"] == s], dec, dataset, ref_label, s)
+        if why:
+            notes.setdefault(why, []).append(s)
+        if mix is None:
+            continue
+        pair = pd.concat([mine.rename("a"), mix.rename("b")], axis=1, join="inner")
+        a_all.append(pair["a"].to_numpy())
+        b_all.append(pair["b"].to_numpy())
+        ref_costs.append(cost)
+        used.append(len(costs) - 1)
+    a = np.concatenate(a_all) if a_all else np.zeros(0)
+    b = np.concatenate(b_all) if b_all else np.zeros(0)
+    res = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
+    head = [] if len(used) == len(rows) else [f"compared on {len(used)} of {len(rows)} seeds" if used
+                                              else "not compared"]
+    text = [f"seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))}: {why}" for why, v in notes.items()]
+    chosen = rows["chosen"].unique()
+    point = first["point"] if first["kind"] == "own" else (chosen[0] if len(chosen) == 1 else "")
+    c = np.asarray(costs, dtype=float)
+    return {"dataset": dataset, "label": label, "budget": first["budget"] if first["kind"] == "budget" else np.nan,
+            "point": point, "macs_rel": float(np.mean(c[used] if used else c)),
+            "ref_macs_rel": float(np.mean(ref_costs)) if ref_costs else np.nan, "reference": ref_label,
+            "accuracy": float(a.mean()) if len(a) else np.nan, "ref_accuracy": float(b.mean()) if len(b) else np.nan,
+            **res, "seeds": len(used), "note": "; ".join(head + text)}
+
+
+def compare(df: pd.DataFrame, decisions: pd.DataFrame, split: str = "test", n_boot: int = N_BOOT,
+            seed: int = BOOT_SEED) -> pd.DataFrame:
+    """Per dataset, every point of every non-reference method (its reached budget rows and its own points)
+    against the reference (:func:`reference_label`) at the same realised test macs_rel: on each seed the
+    reference's two budget points whose costs c1 <= m <= c2 bracket the point's cost m, mixed per sample as
+    (1 - w) correct_1 + w correct_2 with w = (m - c1) / (c2 - c1) (:func:`bracket`); the paired bootstrap
+    over the (seed, sample_id) pairs of the matched seeds. ``df``: metrics rows of :func:`load_runs`;
+    ``decisions``: :func:`load_decisions`. Columns: COMPARISON_COLUMNS (``budget`` empty for own points,
+    ``point`` the native label, ``note`` why a seed or the whole row was not compared)."""
+    pts = point_table(df, split)
+    dec = _Decisions(decisions)
     rows = []
-    dec = decisions.assign(correct=decisions["pred"] == decisions["target"])
-    for dataset, dd in dec.groupby("dataset", sort=False):
-        ref = reference_label(dd["label"], dd["method"])
-        for budget, db in dd.groupby("budget", sort=True):
-            r = db[db["label"] == ref][["seed", "sample_id", "correct"]]
-            if r.empty:
-                continue
-            for label, dl in db.groupby("label", sort=False):
-                if label == ref:
+    for dataset, dp in pts.groupby("dataset", sort=False):
+        ref_label = reference_label(dp["label"], dp["method"])
+        ref = dp[(dp["label"] == ref_label) & (dp["kind"] == "budget") & (dp["status"] == REACHED)]
+        ref = ref[np.isfinite(ref["macs_rel"])]
+        own = dp[dp["kind"] == "own"]
+        n_own = own.groupby(["label", "seed"])["point"].nunique().to_dict()
+        for label, dl in dp[dp["label"] != ref_label].groupby("label", sort=False):
+            budget = dl[dl["kind"] == "budget"]
+            for _, g in budget.groupby("budget", sort=True):
+                if combine_status(g["status"]) != REACHED:
                     continue
-                m = dl[["seed", "sample_id", "correct"]].merge(r, on=["seed", "sample_id"], suffixes=("", "_ref"))
-                res = paired_bootstrap(m["correct"], m["correct_ref"], n_boot=n_boot, seed=seed)
-                rows.append({"dataset": dataset, "budget": budget, "label": label, "reference": ref, **res})
-    return pd.DataFrame(rows, columns=["dataset", "budget", "label", "reference", "diff", "lo", "hi", "significant",
-                                       "n"])
+                rows.append(_compare_point(g[g["status"] != INFEASIBLE], ref, dec, dataset, ref_label, n_boot, seed,
+                                           n_own))
+            mine = dl[dl["kind"] == "own"]
+            for _, g in sorted(mine.groupby("point"), key=lambda kv: kv[1]["macs_rel"].mean()):
+                rows.append(_compare_point(g, ref, dec, dataset, ref_label, n_boot, seed, n_own))
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -265,45 +480,76 @@ MAIN_COLUMNS = [("accuracy", "accuracy", 4), ("macs_rel", "macs_rel", 3), ("ece"
                 ("brier", "Brier", 4), ("auroc_misclassification", "AUROC (misclass.)", 4)]
 
 
+def _delta(comparisons: pd.DataFrame, dataset: str, label: str, budget: float, point: str) -> str | None:
+    """The Δacc cell of a point: the matched-cost difference (``*`` when significant), ``n/a`` when it could
+    not be matched, None when the point has no comparison row."""
+    c = comparisons[(comparisons["dataset"] == dataset) & (comparisons["label"] == label)]
+    c = c[np.isclose(c["budget"], budget)] if np.isfinite(budget) else c[c["budget"].isna() & (c["point"] == point)]
+    if not len(c):
+        return None
+    x = c.iloc[0]
+    return f"{x['diff']:+.4f}{'*' if x['significant'] else ''}" if np.isfinite(x["diff"]) else "n/a"
+
+
+def _budget_cell(budget: float, point: str, kind: str) -> str:
+    return point if kind == "own" else ("—" if not np.isfinite(budget) else f"{budget:g}")
+
+
+def _seeds_cell(g: pd.DataFrame) -> str:
+    """Seeds of a table row (one aggregated group per metric): how many, and how many not reached / infeasible
+    (seeds without a finite value)."""
+    seeds = int(g["seeds"].max())
+    infeasible = seeds - int(g["n"].max()) if g["kind"].iloc[0] == "budget" else 0
+    return seeds_text(seeds, int(g["not_reached"].max()), infeasible)
+
+
 def main_rows(agg: pd.DataFrame, comparisons: pd.DataFrame | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the main table (shared by markdown and LaTeX)."""
-    comparisons = comparisons if comparisons is not None else pd.DataFrame(columns=["dataset", "budget", "label"])
+    """Header and cells of the main table (shared by markdown and LaTeX): per method its budget rows, then its
+    own points (labelled by their native parameter); a budget row that repeats a smaller budget's point reads
+    ``not reached (max val cost ...)``."""
+    comparisons = comparisons if comparisons is not None else pd.DataFrame(columns=COMPARISON_COLUMNS)
     refs = comparisons.groupby("dataset")["reference"].first().to_dict() if len(comparisons) else {}
     a = agg[agg["score"].fillna("") == ""]
-    header = ["dataset", "method", "budget", "accuracy", "acc. 95% CI", "Δacc vs ref.",
+    header = ["dataset", "method", "budget / point", "accuracy", "acc. 95% CI", "Δacc vs ref. (same cost)",
               *[h for _, h, _ in MAIN_COLUMNS[1:]], "seeds"]
     rows = []
-    for (dataset, _bb, label, budget), g in a.groupby(["dataset", "backbone", "label", "budget"], dropna=False,
-                                                      sort=False):
+    for (dataset, _bb, label, budget, point), g in a.groupby(["dataset", "backbone", "label", "budget", "point"],
+                                                             dropna=False, sort=False):
+        kind, status = g["kind"].iloc[0], g["status"].iloc[0]
+        where = [dataset, label, _budget_cell(budget, point, kind)]
+        if status == NOT_REACHED:
+            rows.append([*where, status_text(status, g["val_cost_max"].max()), "—", "—",
+                         *["—"] * (len(MAIN_COLUMNS) - 1), _seeds_cell(g)])
+            continue
         m = g.set_index("metric")
         cell = {k: (_fmt(m.at[k, "mean"], m.at[k, "std"], dg) if k in m.index else "—") for k, _, dg in MAIN_COLUMNS}
         acc = m.loc["accuracy"] if "accuracy" in m.index else None
         ci = (f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]" if acc is not None and np.isfinite(acc["ci_half"])
               else "—")
-        delta = "—"
-        c = comparisons[(comparisons["dataset"] == dataset) & (comparisons["label"] == label)
-                        & np.isclose(comparisons["budget"], budget)] if np.isfinite(budget) else comparisons[:0]
-        if len(c):
-            x = c.iloc[0]
-            delta = f"{x['diff']:+.4f}{'*' if x['significant'] else ''}"
-        elif refs.get(dataset) == label:
-            delta = "ref."
-        rows.append([dataset, label, "—" if not np.isfinite(budget) else f"{budget:g}", cell["accuracy"], ci, delta,
-                     *[cell[k] for k, _, _ in MAIN_COLUMNS[1:]], str(int(g["seeds"].max()))])
+        delta = _delta(comparisons, dataset, label, budget, point)
+        if delta is None:
+            delta = "ref." if refs.get(dataset) == label and kind == "budget" else "—"
+        rows.append([*where, cell["accuracy"], ci, delta, *[cell[k] for k, _, _ in MAIN_COLUMNS[1:]],
+                     _seeds_cell(g)])
     return header, rows
 
 
 def conformal_rows(agg: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    c = agg[agg["metric"].isin(CONFORMAL_METRICS)]
+    """Header and cells of the conformal table: budget rows only (own points would multiply it by the number of
+    points: their coverage is in aggregate.csv); not-reached budgets marked."""
+    c = agg[agg["metric"].isin(CONFORMAL_METRICS) & (agg["kind"] != "own")]
     header = ["dataset", "method", "budget", "score", "scope", "α", "coverage", "set size", "seeds"]
     rows = []
     for (dataset, _bb, label, budget, score, scope, alpha), g in c.groupby(
             ["dataset", "backbone", "label", "budget", "score", "scope", "alpha"], dropna=False, sort=False):
         m = g.set_index("metric")
-        cov = _fmt(m.at["coverage", "mean"], m.at["coverage", "std"], 4) if "coverage" in m.index else "—"
-        size = _fmt(m.at["set_size", "mean"], m.at["set_size", "std"], 3) if "set_size" in m.index else "—"
+        if g["status"].iloc[0] == NOT_REACHED:
+            cov, size = status_text(NOT_REACHED, g["val_cost_max"].max()), "—"
+        else:
+            cov = _fmt(m.at["coverage", "mean"], m.at["coverage", "std"], 4) if "coverage" in m.index else "—"
+            size = _fmt(m.at["set_size", "mean"], m.at["set_size", "std"], 3) if "set_size" in m.index else "—"
         rows.append([dataset, label, "—" if not np.isfinite(budget) else f"{budget:g}", score, scope, f"{alpha:g}",
-                     cov, size, str(int(g["seeds"].max()))])
+                     cov, size, _seeds_cell(g)])
     return header, rows
 
 
@@ -316,8 +562,8 @@ def _tex_escape(s: str) -> str:
     s = s.replace("\\", r"\textbackslash{}")
     for ch in "&%$#_{}":
         s = s.replace(ch, "\\" + ch)
-    return (s.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("α", r"$\alpha$").replace("—", "--")
-            .replace("~", r"\textasciitilde{}"))
+    return (s.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("α", r"$\alpha$").replace("λ", r"$\lambda$")
+            .replace("—", "--").replace("~", r"\textasciitilde{}"))
 
 
 def _tex(header: list[str], rows: list[list[str]]) -> str:
@@ -330,11 +576,15 @@ def _tex(header: list[str], rows: list[list[str]]) -> str:
 def markdown_report(agg: pd.DataFrame, comparisons: pd.DataFrame, split: str = "test") -> str:
     refs = ", ".join(f"{d}: {r}" for d, r in comparisons.groupby("dataset")["reference"].first().items()) or "none"
     parts = [f"## Results ({split}): mean ± std over seeds", "",
-             "95% CI: t interval over seeds. Δacc: accuracy minus the reference method's on the same samples "
-             f"(pooled over seeds; reference {refs}); `*` = the 95% paired-bootstrap interval "
-             f"({N_BOOT} resamples) excludes 0.", "", _md(*main_rows(agg, comparisons))]
+             "Each method's budget rows, then its own operating points (labelled by their native parameter). A "
+             "budget that only repeats the point of a smaller budget reads `not reached`, with the largest validation "
+             "cost the method reaches within it. 95% CI: t interval over seeds. Δacc: accuracy minus the reference "
+             f"method's at the same realised {split} cost (reference {refs}; per seed, a mixture of its two budget "
+             "points whose costs bracket the point's, on the same samples, pooled over seeds); `*` = the 95% "
+             f"paired-bootstrap interval ({N_BOOT} resamples) excludes 0; `n/a` = no comparison at that cost (the "
+             "reason is in comparisons.csv).", "", _md(*main_rows(agg, comparisons))]
     if agg["metric"].isin(CONFORMAL_METRICS).any():
-        parts += ["", f"## Conformal prediction ({split})", "", _md(*conformal_rows(agg))]
+        parts += ["", f"## Conformal prediction ({split}, budget rows)", "", _md(*conformal_rows(agg))]
     return "\n".join(parts) + "\n"
 
 
@@ -360,7 +610,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     _check_split(df, split)
     agg = aggregate(df, split)
     chosen = choose_budget(agg, budget)
-    comparisons = compare(load_decisions(df, split))
+    comparisons = compare(df, load_decisions(df, split), split)
     md = markdown_report(agg, comparisons, split)
     tex = _tex(*main_rows(agg, comparisons)) + "\n"
     _use_agg()
@@ -465,7 +715,9 @@ def _section(run_dir: Path, name: str, df: pd.DataFrame, split: str, budget: flo
              *(["```bash", cmd, "```"] if cmd else ["Command: not recorded (no run.json)."]), "",
              machine_line(run), "",
              f"Mean ± std over seeds ({split}; `macs_rel` is the realised cost relative to the static backbone; "
-             "bounds read labels and are marked as such):", "",
+             "bounds read labels and are marked as such; each method's budget rows come first, then its own "
+             "operating points by their native parameter; a budget that only repeats a smaller budget's point reads "
+             "`not reached`, with the largest validation cost the method reaches within it):", "",
              summary_table(df, split)]
     timing = timing_table(df)
     if timing:
@@ -514,8 +766,9 @@ def build_page(run_dirs: Sequence[str | os.PathLike], page: str | os.PathLike, s
             f"`{page_command(run_dirs, page, split, budget)}`.", "",
             "# Results", "",
             "One section per run: the command that produced it, the machine it ran on, and its table (mean ± std "
-            "over seeds per method and budget), then the real early-exit timings when the run was timed. Rerun a "
-            "section's command to recreate its run folder.", ""]
+            "over seeds per method and budget, then per own operating point of a method, such as JEI-DNN's λ), then "
+            "the real early-exit timings when the run was timed. Rerun a section's command to recreate its run "
+            "folder.", ""]
     text = "\n".join(head + ["\n\n".join(s.text for s in sections)]) + "\n"
     written = []
     for name, section in zip(names, sections):

@@ -1,5 +1,6 @@
 """The printed summary: a markdown table generated from metrics rows (never typed by hand). Every accuracy
-stands next to the realised test ``macs_rel``; with several seeds, cells read mean ± std."""
+stands next to the realised test ``macs_rel``; with several seeds, cells read mean ± std. Each method's budget
+rows come first, then its own operating points (the rule of which row is which: :mod:`bench.results.points`)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import numpy as np
 import pandas as pd
 
 from bench.core.interface import METHODS
+from bench.results.points import (INFEASIBLE, KINDS, NOT_REACHED, REACHED, combine_status, status_text,
+                                   tag_points)
 
 SUMMARY_METRICS = ("accuracy", "macs_rel", "ece")
 
@@ -36,34 +39,65 @@ def _cell(values: pd.Series, digits: int) -> str:
         return "—"
     if np.isnan(v).all():
         return "infeasible"
+    v = v[np.isfinite(v)]  # infeasible seeds are counted in the seeds column
     if len(v) == 1:
         return f"{v[0]:.{digits}f}"
     return f"{np.nanmean(v):.{digits}f} ± {np.nanstd(v, ddof=1):.{digits}f}"
 
 
+def seeds_text(seeds: int, not_reached: int = 0, infeasible: int = 0) -> str:
+    """The seeds cell: the number of seeds, and on how many of them a budget row is not reached or infeasible
+    when that is some but not all of them (``3 (1 not reached)``)."""
+    notes = [f"{k} {what}" for k, what in ((not_reached, "not reached"), (infeasible, "infeasible")) if 0 < k < seeds]
+    return f"{seeds}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _seeds(g: pd.DataFrame) -> str:
+    per_seed = g.drop_duplicates("seed")["status"]
+    return seeds_text(len(per_seed), int((per_seed == NOT_REACHED).sum()), int((per_seed == INFEASIBLE).sum()))
+
+
+def table_groups(d: pd.DataFrame):
+    """(dataset, backbone, method, kind, budget, point, rows) of tagged metric rows in table order: datasets,
+    networks and methods as they first appear, each method's budget rows by budget, then its own points by
+    mean realised macs_rel (``d``: rows of one split with the columns of ``points.tag_points``)."""
+    for (dataset, backbone, method), gm in d.groupby(["dataset", "backbone", "method"], sort=False):
+        for budget, g in sorted(gm[gm["kind"] != "own"].groupby(gm["budget"].fillna(-1.0)), key=lambda kv: kv[0]):
+            yield dataset, backbone, method, g["kind"].iloc[0], (budget if budget >= 0 else None), "", g
+        own = gm[gm["kind"] == "own"]
+        cost = own[own["metric"] == "macs_rel"].groupby("point")["value"].mean()
+        for point in sorted(own["point"].unique(), key=lambda p: (cost.get(p, np.inf), p)):
+            yield dataset, backbone, method, "own", None, point, own[own["point"] == point]
+
+
 def summary_table(df: pd.DataFrame, split: str = "test") -> str:
-    """Markdown table: one row per dataset x backbone x method x budget (plus each static backbone), columns
-    accuracy / realised macs_rel / ECE over the seeds. When a run used several networks (``msdnet`` brings its
-    own), labels name the network, ``macs_rel`` is relative to that network's static cost, and a column gives
-    the absolute MACs per image (millions) that compare across networks."""
-    d = df[(df["split"] == split) & df["exit"].isna() & df["metric"].isin(SUMMARY_METRICS + ("macs",))].copy()
-    # budget rows and the static backbone; a method's native points (empty budget) are listed elsewhere
-    d = d[d["budget"].notna() | (d["method"] == "static")]
-    d["budget_key"] = d["budget"].fillna(-1.0)
+    """Markdown table: one row per dataset x backbone x method x budget (plus each static backbone), then one
+    per own operating point of the method (empty ``budget`` in metrics.csv, labelled by its native parameter,
+    e.g. ``λ=0.1``), columns accuracy / realised macs_rel / ECE over the seeds. A budget row that only repeats
+    the point of a smaller budget reads ``not reached (max val cost ...)`` (``points.tag_points``). When a run used
+    several networks (``msdnet`` brings its own), labels name the network, ``macs_rel`` is relative to that
+    network's static cost, and a column gives the absolute MACs per image (millions) that compare across
+    networks."""
+    t = tag_points(df[df["split"] == split])
+    d = t[t["exit"].isna() & t["metric"].isin(SUMMARY_METRICS + ("macs",)) & t["kind"].isin(KINDS)]
     several = d.groupby("dataset")["backbone"].nunique().to_dict()
     absolute = any(v > 1 for v in several.values())
     extra = ("| MACs (M) " if absolute else "", "|---" if absolute else "")
-    lines = [f"| dataset | method | budget | accuracy | macs_rel ({split}) {extra[0]}| ECE | seeds |",
+    lines = [f"| dataset | method | budget / point | accuracy | macs_rel ({split}) {extra[0]}| ECE | seeds |",
              f"|---|---|---|---|---{extra[1]}|---|---|"]
-    for (dataset, backbone, method, budget), g in d.groupby(["dataset", "backbone", "method", "budget_key"],
-                                                             sort=False):
+    for dataset, backbone, method, kind, budget, point, g in table_groups(d):
         cells = {m: _cell(g[g["metric"] == m].sort_values("seed")["value"], 4 if m != "macs_rel" else 3)
                  for m in SUMMARY_METRICS}
-        label = "—" if budget < 0 else f"{budget:g}"
+        macs = _cell(g[g["metric"] == "macs"].sort_values("seed")["value"] / 1e6, 2)
+        status = combine_status(g.drop_duplicates("seed")["status"]) if kind == "budget" else REACHED
+        if status == NOT_REACHED:
+            cells = {"accuracy": status_text(status, g["val_cost"].max()), "macs_rel": "—", "ece": "—"}
+            macs = "—"
+        label = point if kind == "own" else "—" if budget is None else f"{budget:g}"
         name = with_backbone(method_label(method), backbone, several[dataset] > 1)
-        macs = f"| {_cell(g[g['metric'] == 'macs'].sort_values('seed')['value'] / 1e6, 2)} " if absolute else ""
+        macs = f"| {macs} " if absolute else ""
         lines.append(f"| {dataset} | {name} | {label} | {cells['accuracy']} | {cells['macs_rel']} {macs}| "
-                     f"{cells['ece']} | {g['seed'].nunique()} |")
+                     f"{cells['ece']} | {_seeds(g)} |")
     return "\n".join(lines)
 
 
