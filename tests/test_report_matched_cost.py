@@ -207,3 +207,27 @@ def test_bootstrap_of_many_distinct_differences_resamples_indices():
     se = np.std(a - b, ddof=1) / np.sqrt(len(a))
     assert res["lo"] == pytest.approx(res["diff"] - 1.96 * se, abs=0.3 * se)
     assert res["hi"] == pytest.approx(res["diff"] + 1.96 * se, abs=0.3 * se)
+
+
+def test_page_tables_of_matched_costs_and_exit_scores_by_hand():
+    from bench.results.report import matched_cost_table
+    from bench.results.summary import exit_score_table
+    comp = pd.DataFrame([
+        {"label": "jeidnn", "budget": np.nan, "point": "λ=0.1", "macs_rel": 0.4, "accuracy": 0.8, "ref_accuracy": 0.7,
+         "reference": "threshold", "diff": 0.1, "lo": 0.04, "hi": 0.16, "significant": True},
+        {"label": "jeidnn", "budget": 0.6, "point": "λ=0.1", "macs_rel": 0.4, "accuracy": 0.8, "ref_accuracy": 0.7,
+         "reference": "threshold", "diff": 0.1, "lo": -0.01, "hi": 0.2, "significant": False},
+        {"label": "jeidnn", "budget": np.nan, "point": "λ=1", "macs_rel": 0.1, "accuracy": 0.5, "ref_accuracy": np.nan,
+         "reference": "threshold", "diff": np.nan, "lo": np.nan, "hi": np.nan, "significant": False}])
+    table = matched_cost_table(comp).splitlines()
+    assert table[-2] == "| jeidnn | λ=0.1 | 0.400 | 0.8000 | 0.7000 | +0.1000* [+0.0400, +0.1600] |"
+    assert table[-1] == "| jeidnn | 0.6 | 0.400 | 0.8000 | 0.7000 | +0.1000 [-0.0100, +0.2000] |"  # no row for λ=1
+    assert matched_cost_table(comp.iloc[2:]) is None
+    rows = [{"split": "test", "budget": np.nan, "method": "jeidnn", "params": p, "metric": m, "exit": 0, "seed": s,
+             "value": v} for p, vals in (('{"lambda":0.1}', (0.6, 0.8)), ('{"lambda":1}', (0.7, 0.9)))
+            for s in (0, 1) for m, v in zip(("exit_score_auroc", "msp_auroc"), vals)]
+    rows.append({**rows[0], "split": "val", "value": 0.0})  # other splits and budget rows are not read
+    rows.append({**rows[0], "budget": 0.5, "value": 0.0})
+    scores = exit_score_table(pd.DataFrame(rows)).splitlines()
+    assert scores[-1] == "| jeidnn | 0 | 0.650 [0.600, 0.700] | 0.850 [0.800, 0.900] |"
+    assert exit_score_table(pd.DataFrame(rows[:0], columns=list(rows[0]))) is None

@@ -39,7 +39,8 @@ from bench.results import plots
 from bench.results.files import METRIC_COLUMNS
 from bench.results.points import (INFEASIBLE, KINDS, NOT_REACHED, REACHED, combine_status, status_text,
                                   tag_points)
-from bench.results.summary import method_label, seeds_text, summary_table, timing_table, with_backbone
+from bench.results.summary import (exit_score_table, method_label, seeds_text, summary_table, timing_table,
+                                   with_backbone)
 
 OVERALL_METRICS = ("accuracy", "macs_rel", "macs", "ece", "nll", "brier", "auroc_misclassification")
 CONFORMAL_METRICS = ("coverage", "set_size")
@@ -588,6 +589,24 @@ def markdown_report(agg: pd.DataFrame, comparisons: pd.DataFrame, split: str = "
     return "\n".join(parts) + "\n"
 
 
+def matched_cost_table(comparisons: pd.DataFrame) -> str | None:
+    """Markdown table of the comparisons made at matched realised cost (``compare``), those with a value only;
+    None when there are none (e.g. a run folder without decisions.csv.gz)."""
+    c = comparisons[np.isfinite(pd.to_numeric(comparisons["diff"], errors="coerce"))] if len(comparisons) else comparisons
+    if c.empty:
+        return None
+    lines = [f"Accuracy minus the reference's ({', '.join(dict.fromkeys(c['reference']))}) at the same realised test "
+             "cost (a mixture of its two bracketing budget points, per seed), pooled over seeds, with the 95% "
+             f"paired-bootstrap interval ({N_BOOT} resamples); `*`: the interval excludes 0:", "",
+             "| method | budget / point | macs_rel | accuracy | reference's accuracy | Δacc [95% CI] |",
+             "|---|---|---|---|---|---|"]
+    for _, r in c.iterrows():
+        where = f"{r['budget']:g}" if np.isfinite(r["budget"]) else r["point"]
+        lines.append(f"| {r['label']} | {where} | {r['macs_rel']:.3f} | {r['accuracy']:.4f} | {r['ref_accuracy']:.4f} "
+                     f"| {r['diff']:+.4f}{'*' if r['significant'] else ''} [{r['lo']:+.4f}, {r['hi']:+.4f}] |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 @dataclass
@@ -722,6 +741,12 @@ def _section(run_dir: Path, name: str, df: pd.DataFrame, split: str, budget: flo
     timing = timing_table(df)
     if timing:
         lines += ["", timing]
+    matched = matched_cost_table(compare(df, load_decisions(df, split), split))
+    if matched:
+        lines += ["", matched]
+    scores = exit_score_table(df)
+    if scores:
+        lines += ["", scores]
     lossy = [d for d in datasets if str(d).startswith(LOSSY_PREFIX)]
     if lossy:
         lines += ["", f"**{', '.join(lossy)}: the images are lossy JPEG re-encodings of CIFAR-10, not the official "

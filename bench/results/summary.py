@@ -123,3 +123,22 @@ def timing_table(df: pd.DataFrame) -> str | None:
                  for m, d in (("wall_rel", 3), ("throughput", 0), ("latency_ms", 2))]
         lines.append(f"| {method_label(method)} | {budget:g} | {_cell(c, 3)} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def exit_score_table(df: pd.DataFrame) -> str | None:
+    """Markdown table of how well each method's exit score (JEI-DNN: its gates) ranks the correctness of head k
+    (``exit_score_auroc``) next to head k's max softmax probability (``msp_auroc``), on test, over the method's
+    own points and seeds (mean, and the range over its points); None when no method reports an exit score."""
+    d = df[(df["split"] == "test") & df["budget"].isna() & df["metric"].isin(("exit_score_auroc", "msp_auroc"))]
+    if d.empty:
+        return None
+    lines = ["Exit scores as uncertainty (test AUROC for \"head k is right\", every sample; mean over the method's "
+             "own points and seeds, [min, max] over its points):", "",
+             "| method | exit | its exit score (gate) | max softmax of the same head |", "|---|---|---|---|"]
+    for (method, k), g in d.groupby(["method", "exit"], sort=True):
+        cells = []
+        for metric in ("exit_score_auroc", "msp_auroc"):
+            per_point = g[g["metric"] == metric].groupby("params")["value"].mean()
+            cells.append(f"{per_point.mean():.3f} [{per_point.min():.3f}, {per_point.max():.3f}]")
+        lines.append(f"| {method_label(method)} | {int(k)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
