@@ -14,8 +14,8 @@ from bench.results.files import METRIC_COLUMNS
 from bench.results.plots import plot_accuracy_vs_cost, points
 from bench.results.points import tag_points
 from bench.results.report import (COMPARISON_COLUMNS, aggregate, bracket, compare, load_decisions, load_runs,
-                                  paired_bootstrap)
-from bench.results.summary import summary_table
+                                  matched_cost_table, paired_bootstrap)
+from bench.results.summary import exit_score_table, summary_table
 from test_report import _row
 
 N = 100  # test samples per seed
@@ -210,8 +210,6 @@ def test_bootstrap_of_many_distinct_differences_resamples_indices():
 
 
 def test_page_tables_of_matched_costs_and_exit_scores_by_hand():
-    from bench.results.report import matched_cost_table
-    from bench.results.summary import exit_score_table
     comp = pd.DataFrame([
         {"label": "jeidnn", "budget": np.nan, "point": "λ=0.1", "macs_rel": 0.4, "accuracy": 0.8, "ref_accuracy": 0.7,
          "reference": "threshold", "diff": 0.1, "lo": 0.04, "hi": 0.16, "significant": True},
