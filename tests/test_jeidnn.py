@@ -52,9 +52,21 @@ def hard_task():
     return synthetic_task(n=2000, noise=2.5)
 
 
+@pytest.fixture(scope="module")
+def hard_fits(hard_task):
+    """Each variant fitted once on the hard task, shared by the tests that need it."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = create_method(name).fit(hard_task)
+        return cache[name]
+    return get
+
+
 @pytest.fixture(scope="module", params=VARIANTS)
-def hard(hard_task, request):
-    return create_method(request.param).fit(hard_task)
+def hard(hard_fits, request):
+    return hard_fits(request.param)
 
 
 # -- the pieces, by hand ---------------------------------------------------------------------------------------
@@ -309,8 +321,8 @@ def test_fit_gates_recovers_a_known_logistic_model_and_ignores_masked_samples():
     assert torch.allclose(w2, w, atol=1e-3) and torch.allclose(b2, b, atol=1e-3)
 
 
-def test_consistent_reaches_the_backbone_and_its_curve_is_not_capped(hard_task):
-    m = create_method("jeidnn_consistent").fit(hard_task)
+def test_consistent_reaches_the_backbone_and_its_curve_is_not_capped(hard_task, hard_fits):
+    m = hard_fits("jeidnn_consistent")
     test = hard_task.splits["test"]
     static = (hard_task.final_logits(test).argmax(1).numpy() == test.labels).mean()
     native = resolve_points(m, hard_task, [])
