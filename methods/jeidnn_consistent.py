@@ -16,13 +16,16 @@ Method card
     cumulative 0.9685 at lambda 0.01 (0.797), the two level in between (e.g. 0.9296 at 0.511 cumulative, 0.9259
     at 0.501 conditional); on the tests' synthetic task 0.987 and 0.982 at their costliest points. Conditional
     is the default; ``--set jeidnn_consistent.gate_target=cumulative`` gives the other.
-  * **IM weighting that shapes the gradient:** ``mean_n sum_l P_l CE_l stopgrad(r)``, r = sum CE / sum P CE
-    (``im_loss="detached"``), so each IM specialises on the samples that will exit there.
-  * **Gates fitted to convergence** in every gate phase: L-BFGS (strong Wolfe) on each gate's weighted logistic
-    loss over the training split (a fixed random subset of ``gate_fit_samples`` = 16384 when it is larger: 5
-    parameters need no more, and the fit's time grows with N), features standardised on the training split (the standardisation is
-    folded into the gate's weights, so inference and cost are unchanged), a small L2 penalty ``gate_l2`` on the
-    weights (finite under separable data), warm-started from the previous phase.
+  * **IM weighting that shapes the gradient:** ``mean_n (K-1) sum_l P_l CE_l`` (``im_loss="probability"``): each
+    IM's CE weighted by the probability that the sample exits there, so each IM specialises on those samples. The
+    detached ratio ``sum_l P_l CE_l stopgrad(r)``, r = sum CE / sum P CE (``im_loss="detached"``), diverged with
+    fitted gates (r grows without bound when P concentrates on one exit: IM weights reached 9e8 on the synthetic
+    task); it stays an option.
+  * **Gates fitted to convergence** in every gate phase: L-BFGS (strong Wolfe) on each gate's weighted logistic loss
+    over the training split (a fixed random subset of ``gate_fit_samples`` = 16384 when it is larger: 5 parameters
+    need no more, and the fit's time grows with N), features standardised on the training split (the standardisation
+    is folded into the gate's weights, so inference and cost are unchanged), a small L2 penalty ``gate_l2`` on the
+    standardised weights and bias (finite under separable data), warm-started from the previous phase.
   * **Positive weights:** ``pos_weight="none"`` (default): unweighted, so g estimates a probability and 0.5 means
     what it says; ``"balanced"``: negatives / positives of each gate's own targets (the cumulative counts),
     capped at ``pos_weight_cap``.

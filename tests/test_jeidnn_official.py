@@ -103,7 +103,8 @@ def test_gate_phase_loss_matches_the_official_code(i):
     g_count, n = z.shape
     first = OFFICIAL.positive_weights(torch.ones(g_count), n).double()
     assert first.tolist() == [5.0] * g_count
-    assert float(OFFICIAL.gate_phase_loss(z, t, first)) == pytest.approx(float(c["out_gate_loss_pos_weight_1"]), rel=RTOL)
+    official = float(c["out_gate_loss_pos_weight_1"])
+    assert float(OFFICIAL.gate_phase_loss(z, t, first)) == pytest.approx(official, rel=RTOL)
 
 
 @pytest.mark.parametrize("i", range(len(CASE_LIST)))
@@ -134,7 +135,7 @@ def test_schedule_rules_by_hand():
                                                                                    False]
     assert [official_gate_phase(b, 2) for b in range(6)] == [True, True, False, False, True, True]
     # num_epoch includes the warm-up
-    assert official_joint_epochs(20, 6) == 14 and official_joint_epochs(20, 2) == 18 and official_joint_epochs(3, 6) == 0
+    assert (official_joint_epochs(20, 6), official_joint_epochs(20, 2), official_joint_epochs(3, 6)) == (14, 18, 0)
     # cosine over T_max = num_epoch = 8, stepped per joint epoch: 2e-4 + 0.0098 (1 + cos(pi e / 8)) / 2
     expected = [0.01, 0.00962701, 0.00856482, 0.00697515]
     assert [official_joint_lr(e, 0.01, 2e-4, 8) for e in range(4)] == pytest.approx(expected, abs=1e-8)

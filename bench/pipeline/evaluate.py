@@ -114,7 +114,8 @@ def _point_rows(method, task, split_name, split, probs, exit_idx, params, budget
             rows.append(row("exit_accuracy", M.accuracy(pred[at], y[at]), int(at.sum()), k))
             rows.append(row("exit_ece", M.ece(conf[at], pred[at] == y[at]), int(at.sum()), k))
     decision = {"split": split_name, "seed": task.seed, "method": method.name, "budget": budget,
-                "params": canonical_json(params), "sample_id": split.sample_ids, "exit": exit_idx, "pred": pred, "target": y, "confidence": conf}
+                "params": canonical_json(params), "sample_id": split.sample_ids, "exit": exit_idx, "pred": pred,
+                "target": y, "confidence": conf}
     return rows, decision
 
 

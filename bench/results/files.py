@@ -19,7 +19,8 @@ from bench.base.hashing import atomic_write, atomic_write_text
 
 METRIC_COLUMNS = ["run_id", "dataset", "split", "seed", "backbone", "method", "params", "budget", "metric",
                   "value", "n", "exit", "split_sha256"]
-DECISION_COLUMNS = ["split", "seed", "method", "budget", "params", "sample_id", "exit", "pred", "target", "confidence"]
+DECISION_COLUMNS = ["split", "seed", "method", "budget", "params", "sample_id", "exit", "pred", "target",
+                    "confidence"]
 
 
 def metrics_frame(rows: list[dict], run_id: str, dataset: str, backbone: str,
