@@ -258,7 +258,3 @@ def _gate_probs(logits_k: torch.Tensor, w: np.ndarray, b: float) -> np.ndarray:
     f = gate_features(torch.as_tensor(logits_k).double()).numpy()
     z = b + f[:, 0] * w[0] + f[:, 1] * w[1] + f[:, 2] * w[2] + f[:, 3] * w[3]
     return np.exp(-np.logaddexp(0.0, -z))  # the logistic function, without overflow for large |z|
-
-
-def _cosine(opt: torch.optim.Optimizer, steps: int, lr_min: float):
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=lr_min)

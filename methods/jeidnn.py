@@ -189,12 +189,20 @@ class JEIDNNBase(ExitMethod):
     def _per_lambda(self, t: torch.Tensor) -> torch.Tensor:
         return t.expand(len(self.lambdas_), *t.shape).clone()
 
-    def _val_objective(self, data: "_Data", costs_rel: torch.Tensor, j: int, w, b, gw, gb) -> float:
-        """Validation objective of lambda j's model: ``mean_n e_{exit(n)}`` with ``e_l = CE_l + lambda c_l``,
-        exit(n) by this variant's inference rule: the quantity the gates trade off."""
+    @staticmethod
+    def _val_ce(data: "_Data", w_j: torch.Tensor, b_j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model's validation IM logits [K-1, Nv, C] and per-exit CE [K, Nv] (float64, the last exit's
+        included), from its IMs w_j [K-1, D, C], b_j [K-1, C]."""
         with torch.no_grad():
-            logits_v = _im_logits(data.xv, w[j], b[j])  # [K-1, Nv, C]
-            ce_v = torch.cat([_ce(logits_v, data.yv), data.ce_last_v[None]]).double()  # [K, Nv]
+            logits_v = _im_logits(data.xv, w_j, b_j)
+            return logits_v, torch.cat([_ce(logits_v, data.yv), data.ce_last_v[None]]).double()
+
+    def _val_objective(self, costs_rel: torch.Tensor, j: int, logits_v: torch.Tensor, ce_v: torch.Tensor, gw, gb
+                       ) -> float:
+        """Validation objective of lambda j's model (``_val_ce``'s outputs; gates gw [L, K-1, 4], gb [L, K-1]):
+        ``mean_n e_{exit(n)}`` with ``e_l = CE_l + lambda c_l``, exit(n) by this variant's inference rule: the
+        quantity the gates trade off."""
+        with torch.no_grad():
             g = np.stack([_gate_probs(logits_v[kk], gw[j, kk].double().numpy(), float(gb[j, kk]))
                           for kk in range(logits_v.shape[0])])
             ex = torch.from_numpy(self.exits_from_gates(g))
@@ -303,11 +311,9 @@ class JEIDNN(JEIDNNBase):
         schedule = []
         n_joint = official_joint_epochs(self.epochs, self.warmup_epochs_run_)
         history = np.full((n_joint, n_lam), np.nan)
-        lrs = []
         for je in tqdm(range(n_joint), desc=f"jeidnn ({n_lam} lambdas)", unit="epoch", leave=False,
                        dynamic_ncols=True):
             lr = official_joint_lr(je, self.lr, self.lr_min, self.epochs)
-            lrs.append(lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             perm = torch.randperm(n, generator=gen)
@@ -337,21 +343,20 @@ class JEIDNN(JEIDNNBase):
                 opt.step()
             with torch.no_grad():  # epoch end: validation objective (reported) and the positive weights' refresh
                 for j in range(n_lam):
-                    history[je, j] = self._val_objective(data, c, j, w, b, gw, gb)
-                    logits_v = _im_logits(data.xv, w[j], b[j])
-                    ce_v = torch.cat([_ce(logits_v, data.yv), data.ce_last_v[None]]).double()
+                    logits_v, ce_v = self._val_ce(data, w[j], b[j])
+                    history[je, j] = self._val_objective(c, j, logits_v, ce_v, gw, gb)
                     counts = torch.bincount(oracle_exits(ce_v, c, self.lambdas_[j]), minlength=km1 + 1)[:km1]
                     pos_w[j] = self.positive_weights(counts, n_val)
                 pos_history.append(pos_w.clone())
         self.im_w_, self.im_b_, self.gate_w_, self.gate_b_ = (t.detach().clone() for t in (w, b, gw, gb))
-        self.joint_epochs_run_, self.joint_lrs_ = n_joint, np.array(lrs)
+        self.joint_epochs_run_ = n_joint
         # one row per mini-batch of the joint phase: (joint epoch 1.., batch index in epoch, 1 gate / 0 IM, lr)
         self.schedule_ = np.array(schedule, dtype=np.float64).reshape(-1, 4)
         self.pos_weight_history_ = torch.stack(pos_history).numpy()  # [epochs + 1, L, K-1]: before each epoch
         self.best_epoch_ = np.full(n_lam, n_joint, dtype=np.int64)  # the last epoch, always
         self.val_objective_history_ = history
         self.val_objective_ = history[-1] if n_joint else np.array(
-            [self._val_objective(data, c, j, w, b, gw, gb) for j in range(n_lam)])
+            [self._val_objective(c, j, *self._val_ce(data, w[j], b[j]), gw, gb) for j in range(n_lam)])
 
     # -- the official rules, one method each (tests/test_jeidnn_official.py runs them on the authors' cases) --
     def exits_from_gates(self, g: np.ndarray) -> np.ndarray:

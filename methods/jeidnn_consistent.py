@@ -55,7 +55,7 @@ from bench.base.fields import bounded, choice
 from bench.core.interface import OperatingPoint, register_method
 from bench.core.task import Task
 from bench.measure.calibration import calibrate_thresholds, first_exit
-from methods._jeidnn_parts import (JEIDNNConfigError, _ce, _features_from_logp, _gate_probs, _im_logits, _nll,
+from methods._jeidnn_parts import (JEIDNNConfigError, _features_from_logp, _gate_probs, _im_logits, _nll,
                                    conditional_exit_probabilities, conditional_targets, cumulative_exit_probabilities,
                                    first_at_least, gate_targets, IM_LOSSES, oracle_exits,
                                    weighted_im_loss)
@@ -191,7 +191,8 @@ class JEIDNNConsistent(JEIDNNBase):
             gw, gb, ok = fit_gates(feats, t, m, self._pos_weight(t, m), (gw, gb), self.gate_l2, self.gate_max_iter)
             converged.append(ok)
             for j in range(n_lam):
-                history[epoch, j] = obj = self._val_objective(data, costs_rel, j, w.detach(), b.detach(), gw, gb)
+                obj = self._val_objective(costs_rel, j, *self._val_ce(data, w.detach()[j], b.detach()[j]), gw, gb)
+                history[epoch, j] = obj
                 if obj < best[j]:
                     best[j], best_epoch[j] = obj, epoch
                     for s, cur in zip(best_state, (w, b, gw, gb)):
