@@ -1,97 +1,296 @@
 """Real early exit: run the backbone block by block on raw images and drop samples as they exit.
 
-After block k the survivors' exit-k features go through the method's streaming form (``stream``: exit k's
-logits and who leaves); the rows that leave are removed from the block state (survivor compaction: the ViT's
-tokens, or every scale map of MSDNet), so an exited sample never enters a later block. The backbone is driven
-through its staged forward (``bench.backbones.base.Stages``). The predictions and exits must equal the
-simulated ones computed from the feature cache: exactly on CPU in float32 (tested), within a stated tolerance
-on CUDA.
+After block k the survivors' exit-k features go through the method's streaming form (exit k's logits and who
+leaves); the rows that leave are removed from the block state (survivor compaction: the ViT's tokens, or every
+scale map of MSDNet), so an exited sample never enters a later block. The backbone is driven through its staged
+forward (``bench.backbones.base.Stages``). The predictions and exits must equal the simulated ones computed from
+the feature cache: exactly on CPU in float32 (tested), within a stated tolerance on CUDA, where the matmuls of a
+compacted batch round differently from the full batch the cache saw (``compare_with_simulation`` counts the
+flips; ``python -m bench.gpu_check`` reports them).
+
+Where the exit heads and decisions run. Score rules (``ScoreExitMethod`` with its own ``stream``: threshold,
+entropy, msdnet and any ``score(logits)`` plugin) run on the model's device: a copy of the method with its
+tensors on the device is made once (``method_on_device``), the head, the float64 score and the comparison with
+the threshold stay there, and the only host synchronisation per block is reading how many samples stay (the
+compaction needs that size; the rows are then gathered by index, which needs none). The other methods' ``stream``
+(patience, jeidnn, jeidnn_consistent, boostednet) is numpy-based by the method contract (a numpy mask and
+per-sample numpy state, ``bench.core.interface``): for them each block's exit features [N_k, D] go to the host
+once, the method runs there, and the leavers' index and logits come back; that transfer is unavoidable without
+a device form of their ``stream``. Either way the outputs are collected on the device and copied once at the end.
+
+Timing (``timing_metrics``, ``static_timing``): CUDA events around every timed region on CUDA (the clock on the
+device's stream, after a synchronisation), ``perf_counter`` on CPU; warm-up calls first; throughput and
+``wall_rel`` over the whole test split batched at ``batch_size`` (or the first images that fit in
+``STAGE_BYTES`` of device memory; the rows' n says how many); batch-1 latency p50 and p90 over ``n_latency``
+single images, for each method point and for the static backbone.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from bench.backbones.base import Stages, to_tensor
-from bench.core.interface import ExitMethod, OperatingPoint
+from bench.core.interface import ExitMethod, OperatingPoint, ScoreExitMethod
+
+# images staged on the device for the throughput passes: at most this many bytes of float input (CIFAR at 32 px:
+# the whole 10,000-image test split in 123 MB; at 224 px the first ~7,000 images)
+STAGE_BYTES = 4 * 2 ** 30
 
 
 @dataclass
 class EarlyExitResult:
-    exits: np.ndarray  # [N]
-    logits: torch.Tensor  # [N, C] logits of the exit each sample left from
+    exits: np.ndarray  # [N] (a device tensor with ``to_cpu=False``)
+    logits: torch.Tensor  # [N, C] logits of the exit each sample left from (float32; CPU unless ``to_cpu=False``)
     block_rows: list[int] = field(default_factory=list)  # rows that entered each block, summed over batches
 
 
+def streams_on_device(method: ExitMethod) -> bool:
+    """Whether the runner takes this method's exit heads and decisions on the model's device: a score rule whose
+    ``stream`` is ``ScoreExitMethod``'s (head, then ``score(logits) >= threshold``), which needs nothing but
+    torch. Other methods' ``stream`` returns numpy masks and state, so it runs on the host."""
+    return isinstance(method, ScoreExitMethod) and type(method).stream is ScoreExitMethod.stream
+
+
+def _moved(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _moved(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
+_ON_DEVICE: dict[tuple[int, str], tuple[weakref.ref, tuple, ExitMethod]] = {}
+
+
+def method_on_device(method: ExitMethod, device: str | torch.device) -> ExitMethod:
+    """A shallow copy of a fitted method whose tensors (head weights, also inside dataclasses such as the shared
+    heads) live on ``device``; the method itself on CPU. Made once per (method, device) and reused while the
+    method's fitted state is the same objects (a refit makes a new copy), so timed calls never pay the copy."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return method
+    key = (id(method), str(device))
+    state = tuple((k, id(v)) for k, v in vars(method).items() if k != "_scores_memo")
+    hit = _ON_DEVICE.get(key)
+    if hit is not None and hit[0]() is method and hit[1] == state:
+        return hit[2]
+    moved = copy.copy(method)  # ScoreExitMethod's __getstate__ leaves its scores memo behind
+    for k, v in vars(method).items():
+        if k != "_scores_memo":
+            setattr(moved, k, _moved(v, device))
+    for stale in [k for k, (ref, _, _) in _ON_DEVICE.items() if ref() is None]:
+        del _ON_DEVICE[stale]
+    _ON_DEVICE[key] = (weakref.ref(method), state, moved)
+    return moved
+
+
 @torch.no_grad()
-def run_early_exit(st: Stages, method: ExitMethod, point: OperatingPoint, x: torch.Tensor, batch_size: int = 256
-                   ) -> EarlyExitResult:
-    """Early-exit inference on images x [N, C, H, W] (already on the model's device)."""
+def run_early_exit(st: Stages, method: ExitMethod, point: OperatingPoint, x: torch.Tensor, batch_size: int = 256,
+                   to_cpu: bool = True) -> EarlyExitResult:
+    """Early-exit inference on images x [N, C, H, W] (already on the model's device), ``batch_size`` images at a
+    time. Returns the exits and logits on the CPU (one copy at the end), or left on the device with
+    ``to_cpu=False`` (the timed form: the static backbone's logits stay there too)."""
     if method.bound:
         raise ValueError(f"{method.name} is a bound that reads labels; it cannot run as a real early exit")
+    device = x.device
+    on_device = streams_on_device(method)
+    m = method_on_device(method, device) if on_device else method
     depth = st.num_exits
     n = x.shape[0]
-    exits = np.full(n, depth - 1, dtype=np.int64)
+    exits = torch.full((n,), depth - 1, dtype=torch.int64, device=device)
     out: torch.Tensor | None = None
     block_rows = [0] * depth
     for start in range(0, n, batch_size):
         h = st.embed(x[start:start + batch_size])
-        alive = np.arange(start, min(start + batch_size, n))
+        alive = torch.arange(start, min(start + batch_size, n), device=device)
         state = None
         for k in range(depth):
             block_rows[k] += len(alive)
             h = st.block(k, h)
-            logits, leave, state = method.stream(k, st.exit_feature(k, h).float().cpu(), point, state)
-            leave = np.ones(len(alive), dtype=bool) if k == depth - 1 else np.asarray(leave, dtype=bool)
+            feats = st.exit_feature(k, h).float()
+            last = k == depth - 1
+            if on_device:
+                logits = m.exit_head(k, feats, point)
+                leave = None if last else m.score(logits.double()) >= float(m._threshold(point, k))
+            else:  # numpy-based stream: the features go to the host, the leavers' index and logits come back
+                logits, leave, state = m.stream(k, feats.cpu(), point, state)
+                leave = None if last else np.asarray(leave, dtype=bool)
             if out is None:
-                out = torch.empty(n, logits.shape[1], dtype=torch.float32)
-            out[alive[leave]] = logits[torch.from_numpy(leave).to(logits.device)].float().cpu()
-            exits[alive[leave]] = k
-            keep = ~leave
-            if not keep.any():
+                out = torch.empty(n, logits.shape[1], dtype=torch.float32, device=device)
+            if last:
+                out[alive] = logits.float().to(device)
                 break
-            alive = alive[keep]
-            h = st.select(h, torch.from_numpy(keep).to(x.device))
-            state = {key: np.asarray(v)[keep] for key, v in (state or {}).items()}
-    return EarlyExitResult(exits, out, block_rows)
+            if isinstance(leave, np.ndarray):
+                if leave.shape != (len(alive),):
+                    raise ValueError(f"{method.name}.stream({k}) returned a mask of shape {leave.shape}, "
+                                     f"expected ({len(alive)},)")
+                keep_np = ~leave
+                n_keep = int(keep_np.sum())
+                rows = torch.from_numpy(np.flatnonzero(leave))
+                pick = logits[rows]
+                leave_idx = rows.to(device)
+                keep_idx = torch.from_numpy(np.flatnonzero(keep_np)).to(device)
+            else:
+                keep = ~leave
+                n_keep = int(keep.sum())  # the block's one host synchronisation: the survivors' count
+                # keepers first, then leavers, each in their original order (a stable sort of the keep flag)
+                order = torch.sort(keep.to(torch.int32), descending=True, stable=True).indices
+                keep_idx, leave_idx = order[:n_keep], order[n_keep:]
+                pick = logits[leave_idx]
+            if n_keep < len(alive):
+                out[alive[leave_idx]] = pick.float().to(device)
+                exits[alive[leave_idx]] = k
+            if n_keep == 0:
+                break
+            if n_keep < len(alive):
+                alive = alive[keep_idx]
+                h = st.select(h, keep_idx)  # an index tensor: gathering by it needs no host synchronisation
+                if state:
+                    state = {key: np.asarray(v)[keep_np] for key, v in state.items()}
+    if not to_cpu:
+        return EarlyExitResult(exits, out, block_rows)
+    return EarlyExitResult(exits.cpu().numpy(), None if out is None else out.cpu(), block_rows)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def compare_with_simulation(st: Stages, method: ExitMethod, task, x: torch.Tensor, points, batch_size: int = 256
+                            ) -> list[dict]:
+    """The real runner on images ``x`` (the task's test split, on the model's device) against deciding on the
+    cached test features, per operating point: budget, ``exit_mismatches`` (samples leaving at another exit),
+    ``prediction_flips`` (another argmax), ``max_logit_diff`` (largest absolute difference of the emitted
+    logits), ``block_rows_equal`` (each block saw exactly the samples the simulation keeps running) and n. On
+    CPU in float32 every count is 0 (the tests assert it); on CUDA the gpu check reports them."""
+    test = task.splits["test"]
+    out = []
+    for point in points:
+        if point.infeasible:
+            continue
+        logits = method.exit_logits(test, point)
+        sim = np.asarray(method.decide(logits, point))
+        sim_logits = logits[torch.from_numpy(sim), torch.arange(len(sim))]
+        real = run_early_exit(st, method, point, x, batch_size)
+        rows = [int((sim >= k).sum()) for k in range(st.num_exits)]
+        out.append({"budget": point.budget, "params": point.params, "n": int(len(sim)),
+                    "exit_mismatches": int((real.exits != sim).sum()),
+                    "prediction_flips": int((real.logits.argmax(1) != sim_logits.argmax(1)).sum()),
+                    "max_logit_diff": float((real.logits - sim_logits.float()).abs().max()),
+                    "block_rows_equal": rows == real.block_rows})
+    return out
 
 
-def time_call(fn, device: str, repeats: int = 5, warmup: int = 2) -> np.ndarray:
-    """Wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs (synchronised on CUDA)."""
+# ---------------------------------------------------------------------------------------------------- timing
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device, repeats: int = 5, warmup: int = 2) -> np.ndarray:
+    """Seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs. On CUDA each run sits between two CUDA
+    events on the current stream, after a synchronisation: the time from the start of its first kernel to the
+    end of its last, host waits inside included; on CPU, ``perf_counter``."""
     for _ in range(warmup):
         fn()
     _sync(device)
+    cuda = str(device).startswith("cuda")
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return np.array(times)
+
+
+class Timings(dict):
+    """metric -> value, with ``n``: metric -> the number of images the value was measured on."""
+
+    def __init__(self, values: dict[str, float], n: dict[str, int]):
+        super().__init__(values)
+        self.n = n
+
+
+def stage_inputs(x_uint8: np.ndarray, img_size: int, device, batch_size: int, n_min: int = 0) -> torch.Tensor:
+    """The images the throughput passes time, converted and on the device: the whole array, or its first images
+    that fit in ``STAGE_BYTES`` (whole batches, at least one batch and ``n_min``). Converted batch by batch."""
+    n_total = len(x_uint8)
+    first = to_tensor(x_uint8[:1], img_size)
+    per_image = first.element_size() * first.numel()
+    fit = max(batch_size, STAGE_BYTES // per_image // batch_size * batch_size, n_min)
+    n = min(n_total, fit)
+    chunks = [to_tensor(x_uint8[i:min(i + batch_size, n)], img_size).to(device) for i in range(0, n, batch_size)]
+    return torch.cat(chunks)
+
+
+def _latencies(fn, x: torch.Tensor, device, n_latency: int) -> np.ndarray:
+    """Batch-1 milliseconds of ``fn(xi)`` per image of the first ``n_latency`` (median of 3 runs after 1 warm-up)."""
+    return np.array([np.median(time_call(lambda xi=x[i:i + 1]: fn(xi), device, 3, 1))
+                     for i in range(min(n_latency, len(x)))]) * 1000
 
 
 @torch.no_grad()
 def timing_metrics(st: Stages, method: ExitMethod, point: OperatingPoint, x_uint8: np.ndarray, img_size: int,
-                   device: str = "cpu", batch_size: int = 256, n_latency: int = 64, repeats: int = 5
-                   ) -> dict[str, float]:
-    """latency_ms (batch 1, median over ``n_latency`` single images), latency_ms_p90, throughput (samples/s
-    at ``batch_size``) and wall_rel (early-exit time / static backbone time on the same batch)."""
-    x = to_tensor(x_uint8[:batch_size], img_size).to(device)
-    ee = np.median(time_call(lambda: run_early_exit(st, method, point, x, batch_size), device, repeats))
-    static = np.median(time_call(lambda: st.static_forward(x), device, repeats))
-    singles = to_tensor(x_uint8[:n_latency], img_size).to(device)
-    lat = []
-    for i in range(len(singles)):
-        xi = singles[i:i + 1]
-        lat.append(np.median(time_call(lambda: run_early_exit(st, method, point, xi, 1), device, 3, 1)))
-    lat = np.array(lat) * 1000
-    return {"latency_ms": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90)),
-            "throughput": float(len(x) / ee), "wall_rel": float(ee / static)}
+                   device: str = "cpu", batch_size: int = 256, n_latency: int = 64, repeats: int = 3,
+                   x: torch.Tensor | None = None) -> Timings:
+    """One operating point, timed: ``throughput`` (images/s of the real early exit over the staged test images
+    at ``batch_size``), ``wall_rel`` (its time / the static backbone's on exactly the same images and batches;
+    the two passes alternate, ``repeats`` each after a warm-up, medians compared), ``latency_ms`` and
+    ``latency_ms_p90`` (batch 1: p50 and p90 over the first ``n_latency`` images). ``x``: the staged images
+    (``stage_inputs``), to reuse them over points. ``.n`` gives each metric's number of images."""
+    x = stage_inputs(x_uint8, img_size, device, batch_size, n_latency) if x is None else x
+    m = method_on_device(method, device) if streams_on_device(method) else method
+
+    def early_exit():
+        run_early_exit(st, m, point, x, batch_size, to_cpu=False)
+
+    def static():
+        for i in range(0, len(x), batch_size):
+            st.static_forward(x[i:i + batch_size])
+
+    first = x[:batch_size]
+    time_call(lambda: run_early_exit(st, m, point, first, batch_size, to_cpu=False), device, 0, 2)
+    time_call(lambda: st.static_forward(first), device, 0, 2)
+    ee, base = [], []
+    for _ in range(repeats):
+        ee.append(time_call(early_exit, device, 1, 0)[0])
+        base.append(time_call(static, device, 1, 0)[0])
+    ee_s, base_s = float(np.median(ee)), float(np.median(base))
+    lat = _latencies(lambda xi: run_early_exit(st, m, point, xi, 1, to_cpu=False), x, device, n_latency)
+    values = {"latency_ms": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90)),
+              "throughput": len(x) / ee_s, "wall_rel": ee_s / base_s}
+    return Timings(values, {"latency_ms": len(lat), "latency_ms_p90": len(lat), "throughput": len(x),
+                            "wall_rel": len(x)})
+
+
+@torch.no_grad()
+def static_timing(st: Stages, x_uint8: np.ndarray, img_size: int, device: str = "cpu", batch_size: int = 256,
+                  n_latency: int = 64, repeats: int = 3, x: torch.Tensor | None = None) -> Timings:
+    """The static backbone timed like ``timing_metrics`` times a method: ``throughput`` at ``batch_size`` over the
+    staged test images, ``latency_ms`` / ``latency_ms_p90`` at batch 1 over the first ``n_latency`` images."""
+    x = stage_inputs(x_uint8, img_size, device, batch_size, n_latency) if x is None else x
+
+    def static():
+        for i in range(0, len(x), batch_size):
+            st.static_forward(x[i:i + batch_size])
+
+    time_call(lambda: st.static_forward(x[:batch_size]), device, 0, 2)
+    secs = float(np.median(time_call(static, device, repeats, 0)))
+    lat = _latencies(st.static_forward, x, device, n_latency)
+    values = {"latency_ms": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90)),
+              "throughput": len(x) / secs}
+    return Timings(values, {"latency_ms": len(lat), "latency_ms_p90": len(lat), "throughput": len(x)})
