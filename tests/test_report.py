@@ -23,10 +23,24 @@ CONF = json.dumps({"alpha": 0.1, "scope": "global", "score": "lac"}, sort_keys=T
 CONF05 = json.dumps({"alpha": 0.05, "scope": "global", "score": "lac"}, sort_keys=True, separators=(",", ":"))
 
 
-def _row(seed, method, metric, value, budget=0.5, params="{}", exit=None, split="test", sha=None):
+TIMED = json.dumps({"device": "Test GPU", "dtype": "float32", "tf32": True, "timing_batch": 256}, sort_keys=True,
+                   separators=(",", ":"))
+
+
+def _row(seed, method, metric, value, budget=0.5, params="{}", exit=None, split="test", sha=None, n=10):
     return {"run_id": "hand", "dataset": "toy", "split": split, "seed": seed, "backbone": "vit(toy)",
-            "method": method, "params": params, "budget": budget, "metric": metric, "value": value, "n": 10,
+            "method": method, "params": params, "budget": budget, "metric": metric, "value": value, "n": n,
             "exit": exit, "split_sha256": sha or f"sha{seed}"}
+
+
+def _timing_rows(seed, method, budget=0.5) -> list[dict]:
+    """A timed point: 300 images through the throughput passes, 64 single images for the latency; the static
+    backbone has no wall_rel (it is the reference)."""
+    static = method == "static"
+    values = {"throughput": (1800.0 if static else 1000.0 + 100 * seed), "latency_ms": 3.5 if static else 2.0,
+              "latency_ms_p90": 4.0 if static else 3.0, **({} if static else {"wall_rel": 0.45})}
+    return [_row(seed, method, m, v, budget=budget, params=TIMED, n=64 if m.startswith("latency") else 300)
+            for m, v in values.items()]
 
 
 def hand_built_run(path: Path, n: int = 50, timing: bool = False) -> Path:
@@ -37,6 +51,8 @@ def hand_built_run(path: Path, n: int = 50, timing: bool = False) -> Path:
     for seed, acc in ((0, 0.8), (1, 0.9)):
         rows.append(_row(seed, "static", "accuracy", 0.95, budget=None))
         rows.append(_row(seed, "static", "macs_rel", 1.0, budget=None))
+        if timing:
+            rows += _timing_rows(seed, "static", budget=None)
         for method, a in (("threshold", acc), ("patience", acc), ("entropy", 0.0), ("oracle", 1.0)):
             rows += [_row(seed, method, "accuracy", a), _row(seed, method, "macs_rel", 0.5 + 0.01 * seed),
                      _row(seed, method, "ece", 0.02 + 0.01 * seed), _row(seed, method, "nll", 0.3),
@@ -47,8 +63,8 @@ def hand_built_run(path: Path, n: int = 50, timing: bool = False) -> Path:
                      _row(seed, method, "set_size", 2.5, params=CONF05),
                      _row(seed, method, "accuracy", 0.1, split="val"),
                      _row(seed, method, "exit_share", 0.25, exit=0), _row(seed, method, "exit_share", 0.75, exit=1)]
-            if timing:
-                rows.append(_row(seed, method, "wall_rel", 0.45))
+            if timing and method != "oracle":  # a bound is not timed
+                rows += _timing_rows(seed, method)
         # an infeasible budget: NaN rows are left out of the mean
         rows.append(_row(seed, "threshold", "accuracy", np.nan, budget=0.1))
     df = pd.DataFrame(rows, columns=METRIC_COLUMNS)
@@ -163,6 +179,33 @@ def test_report_marks_significant_differences(tmp_path, capsys):
     for name in FIGURES + ["wall_vs_macs"]:  # timing rows -> the wall-clock figure too
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000
+    # the latency and throughput table: the static backbone first, then each timed method, n = images timed
+    timing = md.split("## Latency and throughput (test)")[1]
+    assert "Real early exit on Test GPU, batch 256, float32 (TF32 matmuls) (wall_rel and throughput at batch 256" \
+        in timing
+    rows = [line for line in timing.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["| static backbone | — | 1.000 | ref. | 1800 ± 0 | 3.50 ± 0.00 | 4.00 ± 0.00 | 300 / 64 |",
+                    "| threshold | 0.5 | 0.505 ± 0.007 | 0.450 ± 0.000 | 1050 ± 71 | 2.00 ± 0.00 | 3.00 ± 0.00 | "
+                    "300 / 64 |",
+                    "| patience | 0.5 | 0.505 ± 0.007 | 0.450 ± 0.000 | 1050 ± 71 | 2.00 ± 0.00 | 3.00 ± 0.00 | "
+                    "300 / 64 |",
+                    "| entropy | 0.5 | 0.505 ± 0.007 | 0.450 ± 0.000 | 1050 ± 71 | 2.00 ± 0.00 | 3.00 ± 0.00 | "
+                    "300 / 64 |"]
+
+
+def test_timing_figure_names_device_batch_and_dtype(tmp_path):
+    from bench.results import plots
+    from bench.results.summary import timing_setup, timing_setup_text
+
+    df = load_runs([hand_built_run(tmp_path / "run", timing=True)])
+    setup = timing_setup_text(timing_setup(df))
+    assert setup == "Test GPU, batch 256, float32 (TF32 matmuls)"
+    fig = plots.plot_wall_vs_macs(aggregate(df), setup)
+    assert fig.axes[0].get_title() == "toy — timing on Test GPU, batch 256, float32 (TF32 matmuls)"
+    # a run timed before dtype was recorded says so rather than guessing
+    legacy = df.assign(params=df["params"].str.replace('"dtype":"float32",', "").str.replace(',"tf32":true', ""))
+    assert timing_setup_text(timing_setup(legacy)) == "Test GPU, batch 256, dtype not recorded"
+    assert timing_setup(df[~df["metric"].isin(["wall_rel", "throughput", "latency_ms", "latency_ms_p90"])]) is None
 
 
 def test_report_on_a_real_run_writes_every_figure(tiny_run, capsys):

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from bench.backbones.base import use_fast_cuda
 from bench.base.errors import UserError
 from bench.base.hashing import atomic_write_text
 from bench.core.interface import create_method, resolve_points
 from bench.pipeline.config import RunConfig, resolve_device, validate
 from bench.pipeline.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.pipeline.executors import run_jobs
-from bench.pipeline.runner import timing_metrics
+from bench.pipeline.runner import stage_inputs, static_timing, timing_metrics
 from bench.pipeline.tasks import LoadedTask, cache_dir_of, load_task
 from bench.results.files import decisions_frame, metrics_frame, provenance, write_csv, write_json
 from bench.results.summary import summary_table
@@ -57,24 +58,59 @@ def prepare_out(cfg: RunConfig) -> Path:
     return out
 
 
-def timing_rows(method, loaded: LoadedTask, points, cfg: RunConfig) -> list[dict]:
-    """Wall-clock of the real early-exit runner on test images per budget (see bench.pipeline.runner), with the
-    static backbone timed on the same device, batch and inputs as the denominator."""
-    rows = []
-    device = (torch.cuda.get_device_name(0) if cfg.device.startswith("cuda")
-              else platform.processor() or platform.machine())
-    backbone, task = loaded.backbone, loaded.task
+N_LATENCY = 64  # single images behind each batch-1 latency row
+
+
+def timing_params(loaded: LoadedTask, cfg: RunConfig) -> dict:
+    """What a timing row was measured on: the device's name, torch, the batch of the throughput passes, the
+    network's dtype and, on CUDA, whether matmuls ran in TF32 (the figure and the table name them)."""
+    cuda = cfg.device.startswith("cuda")
+    device = torch.cuda.get_device_name(torch.device(cfg.device)) if cuda else (platform.processor()
+                                                                                or platform.machine())
+    dtype = str(next(loaded.backbone.model.parameters()).dtype).removeprefix("torch.")
+    return {"device": device, "torch": torch.__version__, "timing_batch": cfg.timing_batch, "dtype": dtype,
+            **({"tf32": bool(torch.backends.cuda.matmul.allow_tf32)} if cuda else {})}
+
+
+def _timed_inputs(loaded: LoadedTask, cfg: RunConfig):
+    """The backbone on the run's device (TF32 on CUDA, as the feature cache was computed) and the test images
+    staged there once for every point (``runner.stage_inputs``)."""
+    use_fast_cuda(cfg.device)
+    backbone = loaded.backbone
     backbone.model.to(cfg.device).eval()
+    x = stage_inputs(loaded.dataset.test_x, backbone.config.img_size, cfg.device, cfg.timing_batch, N_LATENCY)
+    return backbone.stages(), x
+
+
+def timing_rows(method, loaded: LoadedTask, points, cfg: RunConfig) -> list[dict]:
+    """Wall-clock of the real early-exit runner on the test images per budget (see bench.pipeline.runner):
+    throughput and wall_rel (the static backbone timed on the same device, batches and images as the
+    denominator) over the staged test split, batch-1 latency p50 / p90; each row's n is the number of images
+    it was measured on."""
+    rows = []
+    task = loaded.task
+    st, x = _timed_inputs(loaded, cfg)
+    setup = timing_params(loaded, cfg)
     for point in points:
         if point.budget is None or point.infeasible:
             continue
-        values = timing_metrics(backbone.stages(), method, point, loaded.dataset.test_x, backbone.config.img_size,
-                                cfg.device, cfg.timing_batch)
-        params = {**method.params(), **point.params, "val_macs_rel": point.val_macs_rel,
-                  "device": device, "torch": torch.__version__, "timing_batch": cfg.timing_batch}
-        rows += [metric_row("test", task.seed, method.name, params, point.budget, m, v, cfg.timing_batch)
+        values = timing_metrics(st, method, point, loaded.dataset.test_x, loaded.backbone.config.img_size,
+                                cfg.device, cfg.timing_batch, N_LATENCY, x=x)
+        params = {**method.params(), **point.params, "val_macs_rel": point.val_macs_rel, **setup}
+        rows += [metric_row("test", task.seed, method.name, params, point.budget, m, v, values.n[m])
                  for m, v in values.items()]
     return rows
+
+
+def static_timing_rows(loaded: LoadedTask, cfg: RunConfig) -> list[dict]:
+    """The static backbone's timing rows (method ``static``, no budget): throughput at the run's timing batch
+    and batch-1 latency p50 / p90, measured as the methods' rows are; their params name the setup (so they are
+    no operating point of the static rows, whose params are empty)."""
+    st, x = _timed_inputs(loaded, cfg)
+    values = static_timing(st, loaded.dataset.test_x, loaded.backbone.config.img_size, cfg.device,
+                           cfg.timing_batch, N_LATENCY, x=x)
+    setup = timing_params(loaded, cfg)
+    return [metric_row("test", loaded.task.seed, "static", setup, None, m, v, values.n[m]) for m, v in values.items()]
 
 
 def static_job(network: str, cfg: RunConfig) -> str:
@@ -110,7 +146,10 @@ def run_job(cfg: RunConfig, seed: int, method_name: str) -> dict:
     loaded = memo[network]
     label = loaded.backbone.label
     if method_name.startswith("static"):
-        return {"rows": [{**r, "backbone": label} for r in static_backbone_rows(loaded.task)], "decisions": []}
+        rows = static_backbone_rows(loaded.task)
+        if cfg.timing:
+            rows += static_timing_rows(loaded, cfg)
+        return {"rows": [{**r, "backbone": label} for r in rows], "decisions": []}
     method = create_method(method_name, cfg.method_overrides(method_name)).fit(loaded.task)
     points = resolve_points(method, loaded.task, cfg.budgets)
     rows, decisions = evaluate_method(method, loaded.task, points)

@@ -192,25 +192,29 @@ def plot_exit_distribution(dist: pd.DataFrame, budget: float):
     return fig
 
 
-def plot_wall_vs_macs(agg: pd.DataFrame):
-    """Measured wall-clock ratio against the MAC ratio (None when the runs have no timing rows)."""
-    fig = plot_metric_vs_cost(agg, "wall_rel", "wall-clock relative to the backbone", title="timing")
+def plot_wall_vs_macs(agg: pd.DataFrame, setup: str = ""):
+    """Measured wall-clock ratio against the MAC ratio (None when the runs have no timing rows); ``setup`` names
+    the device, batch size and dtype of the timing in the title (``summary.timing_setup_text``)."""
+    title = f"timing on {setup}" if setup else "timing (device, batch and dtype not recorded)"
+    fig = plot_metric_vs_cost(agg, "wall_rel", "wall-clock relative to the backbone", title=title)
     if fig is not None:
         for ax in fig.axes:
             lim = [0, 1.05]
             ax.plot(lim, lim, color="black", linestyle=":", linewidth=1, label="wall_rel = macs_rel")
+            ax.title.set_fontsize("small")
             _legend(ax)
     return fig
 
 
-def figures(agg: pd.DataFrame, dist: pd.DataFrame | None = None, budget: float | None = None) -> dict:
+def figures(agg: pd.DataFrame, dist: pd.DataFrame | None = None, budget: float | None = None,
+            timing_setup: str = "") -> dict:
     """name -> Figure for every figure the runs can draw; ``dist`` is ``report.exit_distribution`` at ``budget``
-    (the exit-distribution figure is drawn when both are given)."""
+    (the exit-distribution figure is drawn when both are given); ``timing_setup`` titles the timing figure."""
     figs = {"accuracy_vs_cost": plot_accuracy_vs_cost(agg), "ece_vs_cost": plot_ece_vs_cost(agg),
             "conformal_vs_cost": plot_conformal_vs_cost(agg),
             "exit_distribution": (plot_exit_distribution(dist, budget)
                                   if budget is not None and dist is not None else None),
-            "wall_vs_macs": plot_wall_vs_macs(agg)}
+            "wall_vs_macs": plot_wall_vs_macs(agg, timing_setup)}
     return {k: v for k, v in figs.items() if v is not None}
 
 

@@ -39,8 +39,8 @@ from bench.results import plots
 from bench.results.files import METRIC_COLUMNS
 from bench.results.points import (INFEASIBLE, KINDS, NOT_REACHED, REACHED, combine_status, status_text,
                                   tag_points)
-from bench.results.summary import (exit_score_table, method_label, seeds_text, summary_table, timing_table,
-                                   with_backbone)
+from bench.results.summary import (exit_score_table, method_label, seeds_text, summary_table, timing_setup,
+                                   timing_setup_text, timing_table, with_backbone)
 
 OVERALL_METRICS = ("accuracy", "macs_rel", "macs", "ece", "nll", "brier", "auroc_misclassification")
 CONFORMAL_METRICS = ("coverage", "set_size")
@@ -631,6 +631,9 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     chosen = choose_budget(agg, budget)
     comparisons = compare(df, load_decisions(df, split), split)
     md = markdown_report(agg, comparisons, split)
+    timing = timing_table(df)
+    if timing:  # the timings are measured on the test split whatever --split says
+        md += f"\n## Latency and throughput (test)\n\n{timing}\n"
     tex = _tex(*main_rows(agg, comparisons)) + "\n"
     _use_agg()
     out_dir = Path(out) if out is not None else Path(run_dirs[0]) / "report"
@@ -641,7 +644,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
         atomic_write_text(out_dir / name, text)
         files.append(out_dir / name)
     dist = exit_distribution(df, chosen, split) if chosen is not None else None
-    saved = plots.save_all(plots.figures(agg, dist, chosen), out_dir)
+    saved = plots.save_all(plots.figures(agg, dist, chosen, timing_setup_text(timing_setup(df))), out_dir)
     files += [path for paths in saved.values() for path in paths]
     return Report(markdown=md, out=out_dir, files=files)
 
@@ -728,7 +731,7 @@ def _section(run_dir: Path, name: str, df: pd.DataFrame, split: str, budget: flo
     agg = aggregate(df, split)
     chosen = choose_budget(agg, budget)
     dist = exit_distribution(df, chosen, split) if chosen is not None else None
-    figs = plots.figures(agg, dist, chosen)
+    figs = plots.figures(agg, dist, chosen, timing_setup_text(timing_setup(df)))
     cmd = _command(run)
     lines = [f"## {', '.join(datasets)} — `{run_dir}`", "",
              *(["```bash", cmd, "```"] if cmd else ["Command: not recorded (no run.json)."]), "",

@@ -101,27 +101,72 @@ def summary_table(df: pd.DataFrame, split: str = "test") -> str:
     return "\n".join(lines)
 
 
-TIMING_METRICS = ("wall_rel", "throughput", "latency_ms")
+TIMING_METRICS = ("wall_rel", "throughput", "latency_ms", "latency_ms_p90")
+
+
+def _timing_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return df[(df["split"] == "test") & df["exit"].isna() & df["metric"].isin(TIMING_METRICS)]
+
+
+def timing_setup(df: pd.DataFrame) -> dict | None:
+    """Where the timing rows were measured, from their params: device, timing_batch, dtype (and, on CUDA,
+    ``tf32``); what the runs do not record is left out (runs before dtype was recorded). None without timing
+    rows; several values of a field over the rows are joined with " / "."""
+    t = _timing_rows(df)
+    if t.empty:
+        return None
+    params = [json.loads(p) for p in t["params"].unique()]
+    out = {}
+    for key in ("device", "timing_batch", "dtype", "tf32"):
+        values = list(dict.fromkeys(str(p[key]) for p in params if key in p))
+        if values:
+            out[key] = " / ".join(values)
+    return out
+
+
+def timing_setup_text(setup: dict | None) -> str:
+    """``NVIDIA H100 80GB HBM3, batch 256, float32 (TF32 matmuls)``: the device, batch and dtype of a timing."""
+    if not setup:
+        return ""
+    parts = [setup.get("device", "device not recorded"), f"batch {setup.get('timing_batch', '?')}",
+             setup.get("dtype", "dtype not recorded")]
+    if setup.get("tf32") == "True":
+        parts[-1] += " (TF32 matmuls)"
+    return ", ".join(parts)
 
 
 def timing_table(df: pd.DataFrame) -> str | None:
-    """Markdown table of the real early-exit timings (``--timing``): per method and budget, the realised test
-    macs_rel beside wall_rel (early-exit wall-clock / the static network's, same device, batch and inputs),
-    throughput (images/s) and batch-1 median latency, mean ± std over seeds; None when the run was not timed."""
-    t = df[(df["split"] == "test") & df["exit"].isna() & df["metric"].isin(TIMING_METRICS) & df["budget"].notna()]
+    """Markdown table of the real early-exit timings (``--timing``): the static backbone's row, then per method
+    and budget the realised test macs_rel beside wall_rel (early-exit wall-clock / the static network's, same
+    device, batches and images), throughput (images/s at the timing batch), batch-1 latency p50 and p90 (ms)
+    and n (images behind the throughput and the latency values), mean ± std over seeds; None when the run was
+    not timed. Runs timed before the static backbone had timing rows have no static row."""
+    t = _timing_rows(df)
+    t = t[t["budget"].notna() | (t["method"] == "static")]
     if t.empty:
         return None
-    first = json.loads(t["params"].iloc[0])
+    setup = timing_setup(df) or {}
     cost = df[(df["split"] == "test") & df["exit"].isna() & (df["metric"] == "macs_rel") & df["budget"].notna()]
-    lines = [f"Real early exit on {first.get('device', '?')} (batch {first.get('timing_batch', '?')} for "
-             "wall_rel and throughput, batch 1 for latency; mean ± std over seeds):", "",
-             "| method | budget | macs_rel (test) | wall_rel | throughput (img/s) | latency (ms, batch 1) |",
-             "|---|---|---|---|---|---|"]
-    for (method, budget), g in t.groupby(["method", "budget"], sort=False):
+    lines = [f"Real early exit on {timing_setup_text(setup)} (wall_rel and throughput at batch "
+             f"{setup.get('timing_batch', '?')} over the n images of the throughput column, latency at batch 1 "
+             "over the n images of the latency column; mean ± std over seeds):", "",
+             "| method | budget | macs_rel (test) | wall_rel | throughput (img/s) | latency p50 (ms) | "
+             "latency p90 (ms) | n (throughput / latency) |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cells(g: pd.DataFrame) -> list[str]:
+        out = [_cell(g[g["metric"] == m].sort_values("seed")["value"], d)
+               for m, d in (("wall_rel", 3), ("throughput", 0), ("latency_ms", 2), ("latency_ms_p90", 2))]
+        n = [g.loc[g["metric"] == m, "n"] for m in ("throughput", "latency_ms")]
+        return out + [" / ".join(str(int(v.max())) if len(v) else "—" for v in n)]
+
+    static = t[t["method"] == "static"]
+    if not static.empty:
+        c = cells(static)
+        lines.append(f"| {method_label('static')} | — | 1.000 | ref. | {' | '.join(c[1:])} |")
+    for (method, budget), g in t[t["method"] != "static"].groupby(["method", "budget"], sort=False):
         c = cost[(cost["method"] == method) & (cost["budget"] == budget)].sort_values("seed")["value"]
-        cells = [_cell(g[g["metric"] == m].sort_values("seed")["value"], d)
-                 for m, d in (("wall_rel", 3), ("throughput", 0), ("latency_ms", 2))]
-        lines.append(f"| {method_label(method)} | {budget:g} | {_cell(c, 3)} | {' | '.join(cells)} |")
+        lines.append(f"| {method_label(method)} | {budget:g} | {_cell(c, 3)} | {' | '.join(cells(g))} |")
     return "\n".join(lines)
 
 
