@@ -140,7 +140,8 @@ def timing_table(df: pd.DataFrame) -> str | None:
     and budget the realised test macs_rel beside wall_rel (early-exit wall-clock / the static network's, same
     device, batches and images), throughput (images/s at the timing batch), batch-1 latency p50 and p90 (ms)
     and n (images behind the throughput and the latency values), mean ± std over seeds; None when the run was
-    not timed. Runs timed before the static backbone had timing rows have no static row."""
+    not timed. Runs timed before the static backbone had timing rows have no static row, and their n (then the
+    timing batch whatever was timed) reads ``not recorded``."""
     t = _timing_rows(df)
     t = t[t["budget"].notna() | (t["method"] == "static")]
     if t.empty:
@@ -157,6 +158,8 @@ def timing_table(df: pd.DataFrame) -> str | None:
     def cells(g: pd.DataFrame) -> list[str]:
         out = [_cell(g[g["metric"] == m].sort_values("seed")["value"], d)
                for m, d in (("wall_rel", 3), ("throughput", 0), ("latency_ms", 2), ("latency_ms_p90", 2))]
+        if not all("dtype" in json.loads(p) for p in g["params"].unique()):
+            return out + ["not recorded"]  # rows written before dtype was: their n was the timing batch
         n = [g.loc[g["metric"] == m, "n"] for m in ("throughput", "latency_ms")]
         return out + [" / ".join(str(int(v.max())) if len(v) else "—" for v in n)]
 
