@@ -1,12 +1,20 @@
 """The real early-exit runner equals the simulation from cached features, for every deployable method, and
-never runs an exited sample through a later block."""
+never runs an exited sample through a later block; score rules decide on the model's device; the timings measure
+what their rows say (n = images timed). The CUDA tests skip without a GPU (``python -m bench.gpu_check`` runs
+them on one)."""
+import dataclasses
+
+import numpy as np
 import pytest
+import torch
 
 from bench.backbones.base import to_tensor
 from bench.backbones.vit import ViT, ViTConfig
 from bench.core.interface import METHODS, create_method, resolve_points
 from bench.pipeline.config import RunConfig
-from bench.pipeline.runner import run_early_exit, timing_metrics
+from bench.pipeline import runner
+from bench.pipeline.runner import (compare_with_simulation, method_on_device, run_early_exit, stage_inputs,
+                                   static_timing, streams_on_device, time_call, timing_metrics)
 from bench.pipeline.tasks import load_task
 from tests._early_exit_check import assert_real_equals_simulated
 
@@ -63,6 +71,101 @@ def test_timing_metrics_are_sane(setup):
                        repeats=2)
     assert set(t) == {"latency_ms", "latency_ms_p90", "throughput", "wall_rel"}
     assert 0 < t["latency_ms"] <= t["latency_ms_p90"] and t["throughput"] > 0 and t["wall_rel"] > 0
+    # throughput and wall_rel over the whole test split (not its first batch), latency over the 4 images timed
+    assert t.n == {"throughput": len(ds.test_x), "wall_rel": len(ds.test_x), "latency_ms": 4, "latency_ms_p90": 4}
+    s = static_timing(backbone.stages(), ds.test_x, TINY.img_size, batch_size=128, n_latency=3, repeats=2)
+    assert set(s) == {"latency_ms", "latency_ms_p90", "throughput"}
+    assert 0 < s["latency_ms"] <= s["latency_ms_p90"] and s["throughput"] > 0
+    assert s.n == {"throughput": len(ds.test_x), "latency_ms": 3, "latency_ms_p90": 3}
+
+
+def test_staged_inputs_are_the_whole_split_or_whole_batches_within_the_memory_cap(setup, monkeypatch):
+    ds, _, _ = setup
+    x = stage_inputs(ds.test_x, TINY.img_size, "cpu", 100)
+    assert x.shape == (len(ds.test_x), 1, 8, 8)
+    assert torch.equal(x, to_tensor(ds.test_x, TINY.img_size))
+    per_image = 1 * 8 * 8 * 4  # float32 bytes
+    monkeypatch.setattr(runner, "STAGE_BYTES", 250 * per_image)
+    assert len(stage_inputs(ds.test_x, TINY.img_size, "cpu", 100)) == 200  # whole batches only
+    assert len(stage_inputs(ds.test_x, TINY.img_size, "cpu", 300)) == 300  # at least one batch
+    assert len(stage_inputs(ds.test_x, TINY.img_size, "cpu", 100, n_min=230)) == 230
+
+
+def test_time_call_runs_warmup_then_the_timed_repeats():
+    calls = []
+    times = time_call(lambda: calls.append(1), "cpu", repeats=3, warmup=2)
+    assert len(calls) == 5 and times.shape == (3,) and (times >= 0).all()
+
+
+def test_score_rules_decide_on_the_device_and_the_others_on_the_host(setup):
+    _, _, task = setup
+    on_device = {name for name in DEPLOYABLE if streams_on_device(create_method(name))}
+    assert on_device == {"threshold", "entropy", "msdnet"}  # their stream is ScoreExitMethod's
+    method = create_method("threshold").fit(task)
+    assert method_on_device(method, "cpu") is method
+    # the "meta" device moves tensors without a GPU: every head tensor moves, the method itself stays put
+    meta = method_on_device(method, "meta")
+    assert meta is not method and meta.heads_.weight.device.type == "meta" and meta.head_weight_.is_meta
+    assert method.heads_.weight.device.type == "cpu" and method.head_weight_.device.type == "cpu"
+    assert np.array_equal(meta.costs_, method.costs_) and meta.params() == method.params()
+    assert method_on_device(method, "meta") is meta  # made once
+    method.heads_ = dataclasses.replace(method.heads_)  # a refit replaces the fitted state: a new copy
+    assert method_on_device(method, "meta") is not meta
+
+
+@pytest.mark.parametrize("name", ["threshold", "patience"])
+def test_compare_with_simulation_counts_nothing_on_cpu(setup, name):
+    ds, backbone, task = setup
+    method = create_method(name, _fast_params(name)).fit(task)
+    points = resolve_points(method, task, [0.4, 0.7])  # the budgets', then the method's own points
+    found = compare_with_simulation(backbone.stages(), method, task, to_tensor(ds.test_x, TINY.img_size), points,
+                                    batch_size=100)
+    assert [r["params"] for r in found] == [p.params for p in points if not p.infeasible] and len(found) >= 2
+    for r in found:
+        assert (r["exit_mismatches"], r["prediction_flips"], r["max_logit_diff"]) == (0, 0, 0.0)
+        assert r["block_rows_equal"] and r["n"] == len(ds.test_x)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("name", DEPLOYABLE)
+def test_real_runner_on_cuda_agrees_with_the_simulation(setup, name):
+    """On CUDA the features of the cache and the real runner's compacted batches round differently: a few
+    near-threshold decisions may flip (at most 1 % of the test samples), the survivor compaction is still exact
+    with respect to the real exits, and the logits agree to TF32 precision."""
+    ds, backbone, task = setup
+    method = create_method(name, _fast_params(name)).fit(task)
+    points = [p for p in resolve_points(method, task, [0.3, 0.5, 0.7, 0.9]) if p.budget is not None]
+    backbone.model.cuda()
+    try:
+        x = to_tensor(ds.test_x, TINY.img_size).cuda()
+        found = compare_with_simulation(backbone.stages(), method, task, x, points, batch_size=100)
+        real = run_early_exit(backbone.stages(), method, points[0], x, 100)
+    finally:
+        backbone.model.cpu()
+    assert found
+    for r in found:
+        assert r["exit_mismatches"] <= 0.01 * r["n"] and r["prediction_flips"] <= 0.01 * r["n"], r
+        assert r["max_logit_diff"] < 0.05, r
+    assert real.logits.device.type == "cpu" and real.block_rows[0] == len(ds.test_x)
+    assert real.block_rows == [int((real.exits >= k).sum()) for k in range(TINY.depth)]
+
+
+@CUDA
+def test_cuda_timing_is_positive_and_counts_the_images(setup):
+    ds, backbone, task = setup
+    method = create_method("threshold").fit(task)
+    point = resolve_points(method, task, [0.5])[0]
+    backbone.model.cuda()
+    try:
+        t = timing_metrics(backbone.stages(), method, point, ds.test_x, TINY.img_size, "cuda", 128, 4, 2)
+        s = static_timing(backbone.stages(), ds.test_x, TINY.img_size, "cuda", 128, 4, 2)
+    finally:
+        backbone.model.cpu()
+    assert t["throughput"] > 0 and t["wall_rel"] > 0 and 0 < t["latency_ms"] <= t["latency_ms_p90"]
+    assert s["throughput"] > 0 and t.n["throughput"] == s.n["throughput"] == len(ds.test_x)
 
 
 def test_bounds_cannot_run_for_real(setup):
