@@ -165,9 +165,15 @@ class TrainedBackbone:
 
 
 # ---- shared pieces: input conversion, augmentation, the training loop -----------------------------------------
-def to_tensor(x_uint8: np.ndarray, img_size: int) -> torch.Tensor:
-    """uint8 images [N, H, W, C] -> float [N, C, img_size, img_size] in [-1, 1] (resized if needed)."""
-    x = torch.from_numpy(np.ascontiguousarray(x_uint8)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+def to_tensor(x_uint8: np.ndarray | torch.Tensor, img_size: int, device: str | torch.device | None = None
+              ) -> torch.Tensor:
+    """uint8 images [N, H, W, C] (array or tensor) -> float [N, C, img_size, img_size] in [-1, 1] (resized if
+    needed). With ``device`` the uint8 images move there first and are converted and resized there (a quarter of
+    the bytes of a float copy; the resize of a 32 px photo to a pretrained ViT's 224 px runs on the GPU)."""
+    x = x_uint8 if isinstance(x_uint8, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x_uint8))
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     if x.shape[-1] != img_size or x.shape[-2] != img_size:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     return x
@@ -185,14 +191,15 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Ten
     n, _, h, w = x.shape
     pad = max(1, h // 8)
     xp = F.pad(x, (pad, pad, pad, pad), mode="constant", value=-1.0)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    # the draws come from the CPU generator on every device, so a seed gives the same crops on CPU and CUDA
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
     # every crop at once (no per-image Python loop): the windows are a view [N, C, 2p+1, 2p+1, H, W], indexed
     # per image; the same draws give the same crops as slicing image by image
     windows = xp.unfold(2, h, 1).unfold(3, w, 1)
-    out = windows[torch.arange(n), :, dy, dx]
+    out = windows[torch.arange(n, device=x.device), :, dy, dx]
     if mode == "crop_flip":
-        flip = torch.rand(n, generator=gen) < 0.5
+        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
         out[flip] = out[flip].flip(-1)
     return out
 
@@ -208,16 +215,50 @@ def block_features(st: Stages, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(feats)
 
 
+def use_fast_cuda(device: str | torch.device) -> bool:
+    """On CUDA: TF32 matmuls and convolutions and cuDNN autotuning (process-wide; fp32 tensors and master weights
+    stay fp32). Returns whether ``device`` is CUDA. CPU runs are untouched."""
+    if not str(device).startswith("cuda"):
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return True
+
+
+# a CPU training whose estimated time exceeds this many seconds prints the estimate and how to shrink it
+ESTIMATE_ABOVE_S = 300.0
+_ESTIMATE_AFTER_STEPS = 4  # measured steps (after the first, which pays one-off costs) behind the estimate
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
 def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x: np.ndarray, train_y: np.ndarray,
-               seed: int, device: str, desc: str, batch_loss, validate, before_step=None, after_epoch=None
-               ) -> tuple[torch.nn.Module, float, int, list[dict]]:
+               seed: int, device: str, desc: str, batch_loss, validate, before_step=None, after_epoch=None,
+               channels_last: bool = False) -> tuple[torch.nn.Module, float, int, list[dict]]:
     """The training loop every backbone shares. Each epoch: shuffle (a generator seeded with ``seed``), then per
     mini-batch of ``cfg.batch_size`` images (augmented with ``cfg.augment``) ``before_step(step)``, the loss
-    ``batch_loss(xb, yb)`` and an optimiser step; then ``after_epoch()`` and ``validate() -> (val_accuracy,
-    extra history fields)``. The epoch with the best validation accuracy is kept (never test). Returns (model
-    with those weights, eval mode, frozen; val_accuracy; best_epoch; history)."""
+    ``batch_loss(xb, yb)``, gradient clipping at ``cfg.clip_grad`` (if the config has it and it is > 0) and an
+    optimiser step; then ``after_epoch()`` and ``validate() -> (val_accuracy, extra history fields)``. The epoch
+    with the best validation accuracy is kept (never test). Returns (model with those weights, eval mode, frozen;
+    val_accuracy; best_epoch; history).
+
+    On CUDA: the uint8 training images live on the device for the whole run (converted, resized and augmented
+    there, batched), the loss runs under bf16 autocast with TF32 matmuls (fp32 master weights), convolutional
+    backbones pass ``channels_last``, and nothing waits for the GPU within an epoch (the loss is summed on the
+    device and read once per epoch). On CPU the arithmetic is the same as it always was."""
+    cuda = use_fast_cuda(device)
     gen = torch.Generator().manual_seed(seed)
+    x_all = torch.from_numpy(np.ascontiguousarray(train_x))
     y_all = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+    if cuda:
+        x_all, y_all = x_all.to(device), y_all.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+    clip = float(getattr(cfg, "clip_grad", 0.0) or 0.0)
+    steps_per_epoch = -(-len(train_x) // cfg.batch_size)
     best: tuple[float, int, dict | None] = (-1.0, -1, None)
     history: list[dict] = []
     t0 = time.perf_counter()
@@ -226,26 +267,51 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(train_x), generator=gen)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            xb = augment_batch(to_tensor(train_x[idx.numpy()], cfg.img_size), cfg.augment, gen).to(device)
+            idx_dev = idx.to(device) if cuda else idx
+            xb = augment_batch(to_tensor(x_all[idx_dev], cfg.img_size), cfg.augment, gen)
+            if cuda and channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             if before_step is not None:
                 before_step(step)
-            loss = batch_loss(xb, y_all[idx].to(device))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                loss = batch_loss(xb, y_all[idx_dev])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
-            loss_sum += loss.item() * len(idx)
+            loss_sum += loss.detach().double() * len(idx)
             step += 1
+            if step == 1:
+                t_first = time.perf_counter()
+            elif step == 1 + _ESTIMATE_AFTER_STEPS and not cuda:
+                _print_estimate(desc, device, cfg.epochs, steps_per_epoch,
+                                (time.perf_counter() - t_first) / _ESTIMATE_AFTER_STEPS)
         if after_epoch is not None:
             after_epoch()
+        train_loss = loss_sum.item() / len(perm)
         val_acc, extra = validate()
-        history.append({"epoch": epoch, "train_loss": loss_sum / len(perm), "val_accuracy": val_acc, **extra,
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_acc, **extra,
                         "seconds": round(time.perf_counter() - t0, 1)})
         if val_acc > best[0]:
             best = (val_acc, epoch, copy.deepcopy(model.state_dict()))
-        bar.set_postfix(loss=f"{loss_sum / len(perm):.3f}", val_acc=f"{val_acc:.3f}", best=f"{best[0]:.3f}")
+        bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}", best=f"{best[0]:.3f}")
     model.load_state_dict(best[2])
+    if cuda and channels_last:
+        model.to(memory_format=torch.contiguous_format)  # the staged forward and the feature cache expect NCHW
     model.eval().requires_grad_(False)
     return model, best[0], best[1], history
+
+
+def _print_estimate(desc: str, device: str, epochs: int, steps_per_epoch: int, step_s: float) -> None:
+    """Say, before a long CPU training gets far, how long it will take and how to shrink it."""
+    total = step_s * epochs * steps_per_epoch
+    if total < ESTIMATE_ABOVE_S:
+        return
+    tqdm.write(f"{desc}: about {_duration(total)} on {device} ({epochs} epochs x {steps_per_epoch} steps at "
+               f"{step_s * 1000:.0f} ms per step, validation not included). To shrink it: fewer epochs "
+               f"(--set backbone.epochs=N), a smaller network (--set backbone.depth=N / embed_dim=N, or "
+               f"--backbone), or a GPU (--device cuda).")

@@ -333,7 +333,7 @@ def predict_exit_logits(model: MSDNet, x_uint8: np.ndarray, cfg: MSDNetConfig, d
     model.eval()
     out = []
     for i in range(0, len(x_uint8), cfg.eval_batch_size):
-        xb = to_tensor(x_uint8[i:i + cfg.eval_batch_size], cfg.img_size).to(device)
+        xb = to_tensor(x_uint8[i:i + cfg.eval_batch_size], cfg.img_size, device)
         out.append(torch.stack(model(xb)).float().cpu())
     return torch.cat(out, dim=1)
 
@@ -385,7 +385,7 @@ class MSDNetBackbone(Backbone):
                 "val_exit_accuracy": [float(a) for a in (logits.argmax(2).numpy() == val_y).mean(1)]}
 
         return fit_epochs(model, opt, cfg, train_x, train_y, seed, device, desc, batch_loss, validate,
-                          after_epoch=sched.step)
+                          after_epoch=sched.step, channels_last=True)
 
     @classmethod
     def stages(cls, model: MSDNet) -> MSDNet:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench.backbones.base import Stages, TrainedBackbone, block_features, to_tensor
+from bench.backbones.base import Stages, TrainedBackbone, block_features, to_tensor, use_fast_cuda
 from bench.base.hashing import atomic_write, atomic_write_text, file_sha256
 from bench.base.locks import exclusive
 
@@ -23,11 +23,14 @@ log = logging.getLogger(__name__)
 
 def compute_features(st: Stages, x_uint8: np.ndarray, img_size: int, batch_size: int = 512, device: str = "cpu",
                      desc: str = "features") -> torch.Tensor:
-    """Exit features [K, N, D] (float32, CPU) for uint8 images [N, H, W, C], through the staged forward."""
+    """Exit features [K, N, D] (float32, CPU) for uint8 images [N, H, W, C], through the staged forward. On CUDA
+    in fp32 with TF32 matmuls, as the real early-exit runner computes them (not bf16: the simulation from these
+    features and the real runner must agree)."""
+    use_fast_cuda(device)
     chunks = []
     for i in tqdm(range(0, len(x_uint8), batch_size), desc=desc, unit="batch", dynamic_ncols=True,
                   leave=False):
-        xb = to_tensor(x_uint8[i:i + batch_size], img_size).to(device)
+        xb = to_tensor(x_uint8[i:i + batch_size], img_size, device)
         chunks.append(block_features(st, xb).float().cpu())
     return torch.cat(chunks, dim=1)
 
