@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto",
                    help="auto (the default: CUDA when torch sees one, else CPU; printed first), cpu or cuda")
     r.add_argument("--threads", type=int, default=None, help="torch threads per job")
-    r.add_argument("--pretrained", action="store_true", help="fine-tune timm's pretrained weights")
+    r.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="PATH",
+                   help="fine-tune pretrained weights: timm's hub weights of --backbone NAME, or a local "
+                        ".safetensors/.pth checkpoint of it (its sha256 is recorded)")
     r.add_argument("--no-download", dest="download", action="store_false", help="never download data")
     r.add_argument("--timing", action="store_true",
                    help="time real early exit on test: latency_ms (batch 1), throughput and wall_rel per budget")

@@ -1,14 +1,29 @@
-"""``vit`` — a timm Vision Transformer with an exit after every block.
+"""``vit`` — a timm Vision Transformer with an exit after every block (the backbone's card).
 
 Exit k reads block k's CLS token after the backbone's final LayerNorm (JEI-DNN's choice), so the last exit's
 feature fed to the backbone's own head reproduces ``model(x)`` exactly. The staged forward here
 (``embed`` -> ``blocks[k]`` -> ``exit_feature``) is the one code path for feature caching and real early exit.
-``--backbone vit_small_patch16_224`` (any timm ViT/DeiT name) selects a timm architecture by name.
+
+- **From scratch** (digits, fashion-mnist, image folders; every dataset with ``--backbone vit-scratch``): a small
+  ViT at the images' own size, AdamW with warm-up and cosine decay, per-dataset recipes in ``defaults``.
+- **Pretrained** (CIFAR-10/100, SVHN by default, the JEI-DNN paper's regime; any timm ViT-family name with
+  ``--pretrained``, or ``--pretrained PATH`` for a local checkpoint loaded by timm, its sha256 recorded): the
+  architecture is the checkpoint's (a conflicting ``--set`` exits 2), the images are resized on the device to
+  the checkpoint's resolution (224 px for ``*_224``) unless ``img_size`` is set, and the fine-tuning recipe is
+  ``FINETUNE``: SGD, momentum 0.9, lr 0.01, no weight decay, clipping at global norm 1, 0.5 warm-up epochs then
+  cosine, 5 epochs at batch 128, label smoothing 0.1, crop and flip (the ViT paper's fine-tuning, shortened).
+  The default is ``vit_small_patch16_224.augreg_in21k_ft_in1k`` (22 M parameters, 4.6 G MACs at 224 px, about
+  T2T-ViT-14's 21.5 M and 4.8 G); ``vit_tiny_patch16_224.augreg_in21k_ft_in1k`` (5.7 M, 1.25 G) is about
+  T2T-ViT-7's. Inputs are scaled to [-1, 1] (mean and std 0.5: the augreg checkpoints' own normalisation;
+  DeiT's ImageNet statistics differ slightly and fine-tuning absorbs it).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +32,8 @@ import torch.nn.functional as F
 from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, register_backbone,
                                   to_tensor)
 from bench.base.errors import UserError
-from bench.base.fields import bounded, choice
+from bench.base.fields import bounded, check_fields, choice
+from bench.base.hashing import file_sha256
 from bench.base.registry import unknown_name_message
 from bench.measure.flops import ExitMacs, analytic_vit_macs, fvcore_vit_macs
 
@@ -29,22 +45,40 @@ VIT_FAMILIES = ("vit_", "deit_", "deit3_")
 class ViTConfig:
     """Everything that determines a trained ViT (besides data, split and seed)."""
 
-    model: str = "vit_tiny_patch16_224"  # timm name; the fields below override its architecture
+    model: str = "vit_tiny_patch16_224"  # timm name (a pretrained tag may follow a dot)
     img_size: int = bounded(32, min=1)
+    # from scratch these override the named model's architecture; pretrained, they are the checkpoint's own
     patch_size: int = bounded(4, min=1)
     embed_dim: int = bounded(192, min=1)
     depth: int = bounded(12, min=1)
     num_heads: int = bounded(3, min=1)
     mlp_ratio: float = bounded(4.0, min=0.0)
-    pretrained: bool = False  # fine-tune timm's pretrained weights instead of training from scratch
+    pretrained: bool = False  # fine-tune pretrained weights (timm's hub, or weights_file) instead of training
+    weights_file: str = ""  # a local .safetensors / .pth checkpoint of ``model`` (``--pretrained PATH``)
+    weights_sha256: str = ""  # of weights_file: filled in (recorded in run.json and the cache key), or checked
     epochs: int = bounded(30, min=1)
     batch_size: int = bounded(128, min=1)
+    optimizer: str = choice("adamw", ("adamw", "sgd"))  # sgd: momentum 0.9
     lr: float = bounded(1e-3, min=0.0)
     weight_decay: float = bounded(0.05, min=0.0)
     warmup_epochs: float = bounded(1.0, min=0.0)
     label_smoothing: float = bounded(0.0, min=0.0, max=1.0)
+    clip_grad: float = bounded(0.0, min=0.0)  # clip the gradients' global norm at this value; 0: never
     augment: str = choice("none", AUGMENTATIONS)
     eval_batch_size: int = bounded(512, min=1)
+
+
+ARCHITECTURE = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+# Fine-tuning a pretrained checkpoint: the ViT paper's recipe (Dosovitskiy et al., ICLR 2021, appendix B.1.1:
+# SGD with momentum 0.9, no weight decay, gradients clipped at global norm 1, cosine decay after a linear
+# warm-up, at the checkpoint's resolution), shortened to 5 epochs at batch 128 for a single GPU, plus the label
+# smoothing of T2T-ViT's training (the backbone of the JEI-DNN paper). Every field stays selectable by --set.
+FINETUNE = dict(optimizer="sgd", lr=0.01, weight_decay=0.0, epochs=5, batch_size=128, warmup_epochs=0.5,
+                label_smoothing=0.1, clip_grad=1.0, augment="crop_flip")
+# the paper's setting for natural photographs: ViT-S/16 (about T2T-ViT-14's size and cost) pretrained on
+# ImageNet-21k and fine-tuned on ImageNet-1k, fine-tuned again on the task at its own 224 px
+PHOTO_DEFAULT = ViTConfig(model="vit_small_patch16_224.augreg_in21k_ft_in1k", pretrained=True, img_size=224,
+                          **FINETUNE)
 
 
 @register_backbone("vit")
@@ -62,14 +96,10 @@ class ViT(Backbone):
                             batch_size=64, lr=1e-3, augment="crop"),
         "fashion-mnist": ViTConfig(img_size=28, patch_size=7, embed_dim=128, depth=6, num_heads=4, epochs=8,
                                    batch_size=128, lr=1e-3),
-        "cifar10": ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, epochs=100,
-                             augment="crop_flip"),
-        "cifar100": ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, epochs=100,
-                              augment="crop_flip"),
-        "cifar100-lt": ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, epochs=100,
-                                 augment="crop_flip"),
-        "svhn": ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, epochs=40,
-                          augment="crop"),
+        "cifar10": PHOTO_DEFAULT,
+        "cifar100": PHOTO_DEFAULT,
+        "cifar100-lt": PHOTO_DEFAULT,
+        "svhn": dataclasses.replace(PHOTO_DEFAULT, augment="crop"),  # no flips: digits
     }
 
     @classmethod
@@ -81,34 +111,79 @@ class ViT(Backbone):
         return None
 
     @classmethod
+    def configure(cls, dataset: str, changes: dict, owner: str = "backbone") -> ViTConfig:
+        """From scratch: the dataset's default with ``changes``. Pretrained: the architecture is the checkpoint's
+        (a conflicting ``--set`` is refused), the input size its pretraining resolution unless set, and a
+        dataset default made for training from scratch gives way to the fine-tuning recipe (``FINETUNE``)."""
+        checked = check_fields(cls.Config, owner, changes)
+        base = cls.default_config(dataset)
+        cfg = dataclasses.replace(base, **checked)
+        if cfg.pretrained:
+            arch = checkpoint_architecture(cfg.model)
+            conflicts = [f"{owner}.{k}={checked[k]} (the checkpoint's: {arch[k]})"
+                         for k in ARCHITECTURE if k in checked and checked[k] != arch[k]]
+            if conflicts:
+                raise UserError(f"--set {', '.join(conflicts)}: a pretrained {cfg.model!r} has its checkpoint's "
+                                "architecture. Drop these --set values, or train from scratch without --pretrained "
+                                "(e.g. --backbone vit-scratch).")
+            recipe = {} if base.pretrained else {**FINETUNE, "img_size": arch["img_size"]}
+            cfg = dataclasses.replace(base, **{**recipe, **{k: arch[k] for k in ARCHITECTURE}, **checked})
+            if cfg.weights_file:
+                cfg = dataclasses.replace(cfg, weights_sha256=_checked_weights_sha256(cfg, owner))
+        elif base.pretrained:
+            raise UserError(f"--set {owner}.pretrained=false: on {dataset} the vit backbone fine-tunes a pretrained {base.model!r} at "
+                            f"{base.img_size} px with the fine-tuning recipe. To train a ViT from scratch use "
+                            "--backbone vit-scratch (its own small-image defaults); to fine-tune another timm ViT "
+                            "name it: --backbone NAME.")
+        elif cfg.weights_file:
+            raise UserError(f"--set {owner}.weights_file={cfg.weights_file}: a weights file is only read when "
+                            "fine-tuning; pass it as --pretrained PATH.")
+        cls.validate(cfg)
+        return cfg
+
+    @classmethod
     def validate(cls, cfg: ViTConfig) -> None:
         import timm
 
         if not cfg.model.startswith(VIT_FAMILIES) or not timm.is_model(cfg.model):
             known = [m for m in timm.list_models() if m.startswith(VIT_FAMILIES)]
             raise UserError(unknown_name_message("timm ViT", cfg.model, known))
-        cls.create(cfg, in_chans=1, num_classes=2, load_weights=False)
+        with torch.device("meta"):  # the sizes are checked without allocating the weights
+            cls.create(cfg, in_chans=1, num_classes=2, load_weights=False)
 
     @classmethod
     def create(cls, cfg: ViTConfig, in_chans: int, num_classes: int, load_weights: bool = True) -> torch.nn.Module:
         """Build the timm model. With ``cfg.pretrained`` the architecture is the named model's own (only input
-        size, channels and classifier adapt) and, if ``load_weights``, its pretrained weights are fetched."""
+        size, channels and classifier adapt) and, if ``load_weights``, its pretrained weights are loaded by timm:
+        from the hub, or from ``cfg.weights_file`` (timm's ``pretrained_cfg_overlay=dict(file=...)``, which also
+        resamples the position embedding to ``img_size`` and adapts the input channels; the classifier is kept
+        when its class count is the task's)."""
         import timm
 
+        extra = {}
         if cfg.pretrained:
             kwargs = dict(img_size=cfg.img_size, in_chans=in_chans, num_classes=num_classes)
+            if load_weights and cfg.weights_file:
+                extra["pretrained_cfg_overlay"] = _file_overlay(cfg)
         else:
             kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=in_chans,
                           embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                           mlp_ratio=cfg.mlp_ratio, num_classes=num_classes)
         try:
-            return timm.create_model(cfg.model, pretrained=cfg.pretrained and load_weights, **kwargs)
+            return timm.create_model(cfg.model, pretrained=cfg.pretrained and load_weights, **kwargs, **extra)
+        except UserError:
+            raise
         except Exception as e:  # unknown names, inconsistent sizes, unreachable hub: all fixable by the user
+            if cfg.pretrained and load_weights and cfg.weights_file:
+                raise UserError(f"Weights file {cfg.weights_file} could not be loaded into {cfg.model!r} "
+                                f"({type(e).__name__}: {e}). Give a checkpoint of that model (--backbone NAME "
+                                "names the architecture).") from None
             if cfg.pretrained and load_weights:
                 raise UserError(
                     f"Pretrained weights for {cfg.model!r} could not be loaded ({type(e).__name__}: {e}). They come "
                     "from the Hugging Face hub: connect to the network, put them in the HF cache "
-                    "(HF_HOME), or drop --pretrained to train from scratch.") from None
+                    "(HF_HOME), pass a local file with --pretrained PATH, or drop --pretrained to train from "
+                    "scratch.") from None
             raise UserError(f"Could not build backbone {cfg.model!r} with {kwargs} ({type(e).__name__}: {e}). "
                             "Check --backbone and the --set backbone.FIELD values (e.g. embed_dim must be "
                             "divisible by num_heads, img_size by patch_size).") from None
@@ -116,10 +191,14 @@ class ViT(Backbone):
     @classmethod
     def train(cls, cfg: ViTConfig, train_x, train_y, val_x, val_y, num_classes, seed, device="cpu",
               desc="backbone"):
-        """AdamW, linear warm-up and cosine decay per step; the epoch with the best validation accuracy."""
+        """AdamW (or SGD with momentum 0.9), linear warm-up and cosine decay per step, gradient clipping if set;
+        the epoch with the best validation accuracy."""
         torch.manual_seed(seed)
         model = cls.create(cfg, in_chans=train_x.shape[-1], num_classes=num_classes).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
         total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
 
@@ -153,8 +232,78 @@ class ViT(Backbone):
     @classmethod
     def label(cls, cfg: ViTConfig) -> str:
         if cfg.pretrained:
-            return f"{cfg.model}-pretrained-{cfg.img_size}px"
+            source = f"file-{cfg.weights_sha256[:8]}" if cfg.weights_file else "pretrained"
+            return f"{cfg.model}-{source}-{cfg.img_size}px"
         return f"vit-d{cfg.depth}-w{cfg.embed_dim}-p{cfg.patch_size}-{cfg.img_size}px"
+
+
+@register_backbone("vit-scratch")
+class ViTScratch(ViT):
+    """A timm ViT trained from scratch at the images' own size, also on CIFAR and SVHN (where ``vit`` fine-tunes
+    a pretrained ViT-S/16 at 224 px)."""
+
+    # the harness's earlier photo defaults: a 12-block, 192-wide ViT on 4-pixel patches at 32 px
+    defaults = {**ViT.defaults,
+                **{name: ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, epochs=100,
+                                   augment="crop_flip") for name in ("cifar10", "cifar100", "cifar100-lt")},
+                "svhn": ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, epochs=40,
+                                  augment="crop")}
+
+    @classmethod
+    def from_name(cls, name: str) -> dict | None:
+        return None  # timm names go to ``vit``
+
+
+# ---- pretrained checkpoints -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def checkpoint_architecture(model: str) -> dict:
+    """A timm ViT's own architecture and pretraining resolution, read from the model built on the meta device
+    (no memory, no weights)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(model, pretrained=False)
+    except Exception as e:
+        raise UserError(f"Could not build timm model {model!r} ({type(e).__name__}: {e}); check --backbone.") from None
+    block = m.blocks[0]
+    return {"patch_size": int(m.patch_embed.patch_size[0]), "embed_dim": int(m.embed_dim), "depth": len(m.blocks),
+            "num_heads": int(block.attn.num_heads), "mlp_ratio": block.mlp.fc1.out_features / m.embed_dim,
+            "img_size": int(m.pretrained_cfg.get("input_size", (3, 224, 224))[-1])}
+
+
+def _checked_weights_sha256(cfg: ViTConfig, owner: str) -> str:
+    path = Path(cfg.weights_file)
+    if path.suffix not in (".safetensors", ".pth", ".pt", ".bin") or not path.is_file():
+        problem = "does not exist" if not path.exists() else "is not a .safetensors, .pth, .pt or .bin file"
+        raise UserError(f"--pretrained {cfg.weights_file}: the file {problem}. Give a timm checkpoint of "
+                        f"{cfg.model!r} (a .safetensors or .pth state dict).")
+    digest = file_sha256(path)
+    if cfg.weights_sha256 and cfg.weights_sha256 != digest:
+        raise UserError(f"--set {owner}.weights_sha256={cfg.weights_sha256}: {path} has sha256 {digest}; the file "
+                        "changed, or the checksum is of another file.")
+    return digest
+
+
+def _file_overlay(cfg: ViTConfig) -> dict:
+    """timm's ``pretrained_cfg_overlay`` that loads ``cfg.weights_file``: the file's own class count and input
+    channels (so timm keeps a classifier that fits the task, and adapts channels only when they differ), and no
+    custom (.npz) loader."""
+    from timm.models import load_state_dict
+
+    if file_sha256(cfg.weights_file) != cfg.weights_sha256:
+        raise UserError(f"{cfg.weights_file} changed since the run was configured (sha256 differs); rerun.")
+    try:
+        state = load_state_dict(cfg.weights_file, weights_only=True)
+    except Exception as e:
+        raise UserError(f"Weights file {cfg.weights_file} could not be read ({type(e).__name__}: {e}). Give a "
+                        "safetensors file or a torch state dict saved with torch.save.") from None
+    overlay = {"file": str(cfg.weights_file), "custom_load": False}
+    if "head.weight" in state:
+        overlay["num_classes"] = int(state["head.weight"].shape[0])
+    if "patch_embed.proj.weight" in state:
+        overlay["input_size"] = (int(state["patch_embed.proj.weight"].shape[1]), cfg.img_size, cfg.img_size)
+    return overlay
 
 
 # ---- the staged forward -------------------------------------------------------------------------------
@@ -216,6 +365,6 @@ def predict_logits(model, x_uint8: np.ndarray, cfg: ViTConfig, device: str = "cp
     model.eval()
     out = []
     for i in range(0, len(x_uint8), cfg.eval_batch_size):
-        xb = to_tensor(x_uint8[i:i + cfg.eval_batch_size], cfg.img_size).to(device)
+        xb = to_tensor(x_uint8[i:i + cfg.eval_batch_size], cfg.img_size, device)
         out.append(model(xb).float().cpu())
     return torch.cat(out)

@@ -54,7 +54,7 @@ class RunConfig:
     budgets: list[float] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
     # {"threshold": {"epochs": 5}, "backbone": {"depth": 4, "msdnet.epochs": 2}}: from --set TARGET.FIELD=VALUE
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    pretrained: bool = False
+    pretrained: bool | str = False  # True: timm's hub weights; a path: a local checkpoint (--pretrained PATH)
     device: str = "auto"  # auto: CUDA when torch sees one, else CPU (resolved before the run id is computed)
     threads: int | None = None
     data_dir: str | None = None
@@ -107,6 +107,8 @@ class RunConfig:
                     raise UserError(f"--pretrained: backbone {network!r} has no pretrained weights (it trains from "
                                     "scratch). Drop --pretrained or choose a timm ViT with --backbone.")
                 changes["pretrained"] = True
+                if isinstance(self.pretrained, str):
+                    changes["weights_file"] = self.pretrained
             changes.update({k: v for k, v in given.items() if "." not in k})
         changes.update({k.partition(".")[2]: v for k, v in given.items() if k.partition(".")[0] == network})
         for m in self.methods:  # a method field that is also a field of the network it brings sets both
