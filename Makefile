@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench-perf clean-venv
+.PHONY: setup demo test bench-perf gpu-check gpu-check-dry clean-venv
 
 setup: $(STAMP)
 
@@ -25,6 +25,14 @@ test: setup
 
 bench-perf: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest tests/benchmarks -m perf -s --benchmark-columns=min,median,max
+
+# the device check in one call (bench/gpu_check.py): CUDA tests, throughput, real early-exit timing, a short
+# CIFAR-10 run; one JSON and one markdown file in $OUT (else results/gpu-check/). The dry run: CPU, tiny, < 2 min
+gpu-check: setup
+	$(VENV)/bin/python -m bench.gpu_check --out $${OUT:-results/gpu-check}
+
+gpu-check-dry: setup
+	$(VENV)/bin/python -m bench.gpu_check --dry --out $${OUT:-results/gpu-check-dry}
 
 clean-venv:
 	rm -rf $(VENV)

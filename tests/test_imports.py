@@ -8,7 +8,7 @@ Layers, lowest first (README, "Architecture"); a module may import its own layer
   4 methods          method plugins
   5 bench.results    tidy files, summary, report, plots
   6 bench.pipeline   configuration, task loading, orchestration, evaluation, executors, real runner
-  7 bench.cli, then 8 bench.__main__
+  7 bench.cli, then 8 bench.__main__ and bench.gpu_check (the device check)
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("bench", "methods", "datasets")
 LAYERS = [("bench.base", 0), ("bench.measure", 1), ("datasets", 1), ("bench.core", 2), ("bench.backbones", 3),
           ("methods", 4), ("bench.results", 5), ("bench.pipeline", 6), ("bench.cli", 7), ("bench.__main__", 8),
+          ("bench.gpu_check", 8),  # the device check: drives the CLI and the pipeline, imported by nothing
           ("bench", 0)]  # the bench package itself (an empty __init__)
 
 
