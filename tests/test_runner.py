@@ -25,14 +25,25 @@ DEPLOYABLE = [m for m in METHODS.names() if not METHODS.get(m).bound]
 FAST = {"epochs": 3}
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def _loaded(tmp_path_factory, device: str):
     cfg = RunConfig(methods=["threshold"], dataset="digits", cache_dir=str(tmp_path_factory.mktemp("cache")),
-                    overrides={"backbone": TINY_FIELDS})
+                    overrides={"backbone": TINY_FIELDS}, device=device)
     loaded = load_task(cfg, seed=0)
     assert loaded.backbone.plugin is ViT and loaded.backbone.config == TINY
     assert loaded.task.backbone == "vit-d4-w32-p2-8px"
     return loaded.dataset, loaded.backbone, loaded.task
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Trained and cached on the CPU whatever the machine: the exactness tests compare CPU with CPU."""
+    return _loaded(tmp_path_factory, "cpu")
+
+
+@pytest.fixture(scope="module")
+def cuda_setup(tmp_path_factory):
+    """Trained and cached on CUDA, as a --device cuda run does: the simulation's features come from the device."""
+    return _loaded(tmp_path_factory, "cuda")
 
 
 def _fast_params(name):
@@ -131,20 +142,17 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 
 @CUDA
 @pytest.mark.parametrize("name", DEPLOYABLE)
-def test_real_runner_on_cuda_agrees_with_the_simulation(setup, name):
-    """On CUDA the features of the cache and the real runner's compacted batches round differently: a few
-    near-threshold decisions may flip (at most 1 % of the test samples), the survivor compaction is still exact
-    with respect to the real exits, and the logits agree to TF32 precision."""
-    ds, backbone, task = setup
+def test_real_runner_on_cuda_agrees_with_the_simulation(cuda_setup, name):
+    """On CUDA the full batches of the feature cache and the real runner's compacted ones round differently: a
+    few near-threshold decisions may flip (at most 1 % of the test samples), the survivor compaction is still
+    exact with respect to the real exits, and the logits agree to TF32 precision."""
+    ds, backbone, task = cuda_setup
     method = create_method(name, _fast_params(name)).fit(task)
     points = [p for p in resolve_points(method, task, [0.3, 0.5, 0.7, 0.9]) if p.budget is not None]
     backbone.model.cuda()
-    try:
-        x = to_tensor(ds.test_x, TINY.img_size).cuda()
-        found = compare_with_simulation(backbone.stages(), method, task, x, points, batch_size=100)
-        real = run_early_exit(backbone.stages(), method, points[0], x, 100)
-    finally:
-        backbone.model.cpu()
+    x = to_tensor(ds.test_x, TINY.img_size).cuda()
+    found = compare_with_simulation(backbone.stages(), method, task, x, points, batch_size=100)
+    real = run_early_exit(backbone.stages(), method, points[0], x, 100)
     assert found
     for r in found:
         assert r["exit_mismatches"] <= 0.01 * r["n"] and r["prediction_flips"] <= 0.01 * r["n"], r
@@ -154,16 +162,13 @@ def test_real_runner_on_cuda_agrees_with_the_simulation(setup, name):
 
 
 @CUDA
-def test_cuda_timing_is_positive_and_counts_the_images(setup):
-    ds, backbone, task = setup
+def test_cuda_timing_is_positive_and_counts_the_images(cuda_setup):
+    ds, backbone, task = cuda_setup
     method = create_method("threshold").fit(task)
     point = resolve_points(method, task, [0.5])[0]
     backbone.model.cuda()
-    try:
-        t = timing_metrics(backbone.stages(), method, point, ds.test_x, TINY.img_size, "cuda", 128, 4, 2)
-        s = static_timing(backbone.stages(), ds.test_x, TINY.img_size, "cuda", 128, 4, 2)
-    finally:
-        backbone.model.cpu()
+    t = timing_metrics(backbone.stages(), method, point, ds.test_x, TINY.img_size, "cuda", 128, 4, 2)
+    s = static_timing(backbone.stages(), ds.test_x, TINY.img_size, "cuda", 128, 4, 2)
     assert t["throughput"] > 0 and t["wall_rel"] > 0 and 0 < t["latency_ms"] <= t["latency_ms_p90"]
     assert s["throughput"] > 0 and t.n["throughput"] == s.n["throughput"] == len(ds.test_x)
 
