@@ -72,10 +72,12 @@ from datasets import ImageDataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-# the tests that need a CUDA device (they skip without one); the perf one is marked perf, hence -m below
-CUDA_TESTS = ("tests/test_runner.py::test_real_runner_on_cuda_agrees_with_the_simulation",
-              "tests/test_runner.py::test_cuda_timing_is_positive_and_counts_the_images",
-              "tests/benchmarks/test_perf.py::test_real_early_exit_cuda_vit12")
+# the tests that need a CUDA device (they skip without one), run in this order; the perf one (marked perf, hence
+# -m below) first: its simulation's features come from the CPU in full fp32, and the runner tests' CUDA fixture
+# turns TF32 on for the rest of the process, as a --device cuda run does
+CUDA_TESTS = ("tests/benchmarks/test_perf.py::test_real_early_exit_cuda_vit12",
+              "tests/test_runner.py::test_real_runner_on_cuda_agrees_with_the_simulation",
+              "tests/test_runner.py::test_cuda_timing_is_positive_and_counts_the_images")
 FAST = {"epochs": 3}  # method fits of section 1 (heads and JEI-DNN epochs): the comparison, not the accuracy
 
 
