@@ -165,9 +165,13 @@ def test_timing_rows(tmp_path, shared_cache):
     assert rc == 0
     df = read_metrics(tmp_path / "out")
     t = df[df.metric.isin(["latency_ms", "latency_ms_p90", "throughput", "wall_rel"])]
-    assert len(t) == 2 * 4 and (t["value"] > 0).all() and (t["split"] == "test").all()
-    p = json.loads(t["params"].iloc[0])
-    assert p["timing_batch"] == 64 and p["torch"].startswith("2.14.1") and p["device"]
+    # per budget the method's four timings, and the static backbone's throughput and batch-1 p50/p90 once
+    assert len(t) == 2 * 4 + 3 and (t["value"] > 0).all() and (t["split"] == "test").all()
+    assert set(t.loc[t.method == "static", "metric"]) == {"latency_ms", "latency_ms_p90", "throughput"}
+    p = json.loads(t.loc[t.method == "threshold", "params"].iloc[0])
+    assert p["timing_batch"] == 64 and p["torch"].startswith("2.14.1") and p["device"] and p["dtype"] == "float32"
+    assert (t.loc[t.metric.str.startswith("latency"), "n"] == 64).all()  # the images timed one by one
+    assert (t.loc[t.metric == "throughput", "n"] == 360).all()  # the whole test split
 
 
 def test_ls_lists_methods_and_datasets(capsys):
