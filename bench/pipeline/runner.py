@@ -233,7 +233,7 @@ def stage_inputs(x_uint8: np.ndarray, img_size: int, device, batch_size: int, n_
     per_image = first.element_size() * first.numel()
     fit = max(batch_size, STAGE_BYTES // per_image // batch_size * batch_size, n_min)
     n = min(n_total, fit)
-    chunks = [to_tensor(x_uint8[i:min(i + batch_size, n)], img_size).to(device) for i in range(0, n, batch_size)]
+    chunks = [to_tensor(x_uint8[i:min(i + batch_size, n)], img_size, device) for i in range(0, n, batch_size)]
     return torch.cat(chunks)
 
 
