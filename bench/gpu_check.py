@@ -230,7 +230,7 @@ def _throughput(fields: dict, n_train: int, n_feat: int, device: str, seed: int 
     feat_s = time.perf_counter() - t0
     result = {"backbone": plugin.label(cfg), "timm_model": cfg.model, "img_size": cfg.img_size,
               "batch_size": cfg.batch_size, "train_images": n_train, "timed_epochs": len(history) - 1,
-              "train_images_per_s": n_train * (len(history) - 1) / max(secs, 1e-9),
+              "train_images_per_s": n_train * (len(history) - 1) / secs if secs > 0 else math.nan,
               "train_dtype": train_dtype(device), "feature_images": n_feat,
               "feature_batch_size": cfg.eval_batch_size, "feature_images_per_s": n_feat / feat_s,
               "feature_dtype": inference_dtype(device), "inputs": "synthetic 32 px uint8, resized by the harness",

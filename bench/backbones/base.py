@@ -295,7 +295,7 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
         train_loss = loss_sum.item() / len(perm)
         val_acc, extra = validate()
         history.append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_acc, **extra,
-                        "seconds": round(time.perf_counter() - t0, 1)})
+                        "seconds": round(time.perf_counter() - t0, 3)})
         if val_acc > best[0]:
             best = (val_acc, epoch, copy.deepcopy(model.state_dict()))
         bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}", best=f"{best[0]:.3f}")
