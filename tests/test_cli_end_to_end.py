@@ -174,6 +174,20 @@ def test_timing_rows(tmp_path, shared_cache):
     assert (t.loc[t.metric == "throughput", "n"] == 360).all()  # the whole test split
 
 
+def test_run_json_names_the_code_of_the_run_start(tmp_path, shared_cache, monkeypatch):
+    """A commit made while a run trains does not become the run's provenance: the state is taken at the start."""
+    import bench.pipeline.run as run_module
+    import bench.results.files as files
+
+    states = iter([{"git_sha": "at-start", "git_dirty": False}])
+    monkeypatch.setattr(run_module, "source_state", lambda: next(states))
+    monkeypatch.setattr(files, "source_state", lambda: {"git_sha": "at-end", "git_dirty": True})
+    rc = main(["run", "--methods", "threshold", "--budgets", "1.0", "--cache-dir", str(shared_cache),
+               "--out", str(tmp_path / "out"), *TINY[:10]])
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert rc == 0 and (run["git_sha"], run["git_dirty"]) == ("at-start", False)
+
+
 def test_ls_lists_methods_and_datasets(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out

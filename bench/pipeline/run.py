@@ -26,7 +26,7 @@ from bench.pipeline.evaluate import evaluate_method, metric_row, static_backbone
 from bench.pipeline.executors import run_jobs
 from bench.pipeline.runner import stage_inputs, static_timing, timing_metrics
 from bench.pipeline.tasks import LoadedTask, cache_dir_of, load_task
-from bench.results.files import decisions_frame, metrics_frame, provenance, write_csv, write_json
+from bench.results.files import decisions_frame, metrics_frame, provenance, source_state, write_csv, write_json
 from bench.results.summary import summary_table
 from datasets import load_dataset
 
@@ -173,7 +173,7 @@ def execute(cfg: RunConfig, log=print) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = prepare_out(cfg)
-    t0 = time.time()
+    t0, source = time.time(), source_state()  # the code this process imported, not what is committed later
     dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, cache_dir=cfg.cache_dir)
     log(f"dataset {dataset.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images, "
         f"{dataset.num_classes} classes (files and checksums in run.json)")
@@ -210,8 +210,8 @@ def execute(cfg: RunConfig, log=print) -> Path:
         config = {**dataclasses.asdict(cfg), "resolved_backbones": {
             n: {"backbone": n, "label": labels[n], **dataclasses.asdict(cfg.backbone_config(n))} for n in cfg.networks()}}
         write_json(out / "run.json", {"run_id": run_id, "status": "complete", **provenance(config, {
-            "dataset_source": dataset.source, "seeds": seeds_info, "duration_s": round(time.time() - t0, 2)},
-            cfg.argv)})
+            **source, "dataset_source": dataset.source, "seeds": seeds_info,
+            "duration_s": round(time.time() - t0, 2)}, cfg.argv)})
     except OSError as e:  # full disk, read-only or vanished --out: every file is replaced atomically
         raise UserError(f"Could not write the results to {out} ({e.strerror or e}). Files written before are "
                         "intact (each is replaced atomically) and finished jobs are kept in its jobs/ folder: free "

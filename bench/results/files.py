@@ -88,10 +88,9 @@ def machine() -> dict:
             "memory_gib": memory, "gpus": gpus, "threads": torch.get_num_threads(), "platform": platform.platform()}
 
 
-def provenance(config: dict, extra: dict, argv: list[str] | None = None) -> dict:
-    """Where the numbers come from; ``argv`` (default ``sys.argv``) is the command that produced them."""
-    import timm
-    import torch
+def source_state() -> dict:
+    """The code's git commit and whether the tree had uncommitted changes. A run takes it when it starts: the code
+    it imported is the code of that moment, whatever is committed while it runs."""
 
     def git(*args: str) -> str:
         try:
@@ -99,6 +98,15 @@ def provenance(config: dict, extra: dict, argv: list[str] | None = None) -> dict
                                   cwd=Path(__file__).parent).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
+
+    return {"git_sha": git("rev-parse", "HEAD") or "unknown", "git_dirty": bool(git("status", "--porcelain"))}
+
+
+def provenance(config: dict, extra: dict, argv: list[str] | None = None) -> dict:
+    """Where the numbers come from; ``argv`` (default ``sys.argv``) is the command that produced them. ``extra``
+    wins over the fields computed here (a run passes the ``source_state`` it took at its start)."""
+    import timm
+    import torch
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
                 "numpy": np.__version__, "pandas": pd.__version__}
@@ -111,8 +119,7 @@ def provenance(config: dict, extra: dict, argv: list[str] | None = None) -> dict
     device = machine()
     if device["gpus"]:
         device["cuda"] = device["gpus"][0]
-    return {"git_sha": git("rev-parse", "HEAD") or "unknown", "git_dirty": bool(git("status", "--porcelain")),
-            "versions": versions, "device": device, "command": command_line(argv),
+    return {**source_state(), "versions": versions, "device": device, "command": command_line(argv),
             "argv": list(sys.argv if argv is None else argv)[1:],
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config, **extra}
 
