@@ -551,3 +551,48 @@ def test_cifar10_jpeg_archive(tmp_path):
         np.testing.assert_array_equal(np.bincount(ds.test_y), [1000] * 10)
     print(f"cifar10-jpeg: first load {times[0]:.1f} s, cached {times[1]:.2f} s")
     assert times[1] < times[0]
+
+
+def cifar_subset_zip(tmp_path: Path, classes: tuple[str, ...], n_train: int, n_test: int) -> Path:
+    """A .zip of the first images of some classes of the CIFAR-10 photographs, in the train/test layout."""
+    zpath = tmp_path / f"cifar10-{'-'.join(classes)}.zip"
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(CIFAR10_JPEG) as tar, zipfile.ZipFile(zpath, "w") as z:
+        for member in tar:
+            parts = Path(member.name).parts  # cifar10-jpeg/<split>/<class>/NNNN.jpg
+            if not member.isfile() or len(parts) != 4 or parts[2] not in classes:
+                continue
+            key = (parts[1], parts[2])
+            if counts.get(key, 0) < (n_train if parts[1] == "train" else n_test):
+                counts[key] = counts.get(key, 0) + 1
+                z.writestr("/".join(parts[1:]), tar.extractfile(member).read())
+    return zpath
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR10_JPEG.exists(), reason=f"{CIFAR10_JPEG} not present")
+def test_the_photo_comparison_end_to_end_on_two_classes(tmp_path):
+    """The whole comparison of the photographs, reduced: two classes no other test uses (cat and ship), 300 + 100
+    images each, in a .zip; every method on the ViT and the MSDNet family on MSDNet, ten budgets, then the
+    report. Works without changes: only --data-dir and small --set values differ from the real run."""
+    zpath = cifar_subset_zip(tmp_path, ("cat", "ship"), 300, 100)
+    budgets = ",".join(f"{b / 10:g}" for b in range(1, 11))
+    small = ["--set", "backbone.epochs=3", "--set", "threshold.epochs=5", "--set", "jeidnn.epochs=3",
+             "--set", "jeidnn.warmup_epochs=1", "--set", "jeidnn_consistent.epochs=3"]
+    common = ["--dataset", "imagefolder", "--data-dir", str(zpath), "--budgets", budgets,
+              "--cache-dir", str(tmp_path / "cache")]
+    vit_methods = "jeidnn,jeidnn_consistent,threshold,entropy,patience,boostednet,oracle"
+    assert main(["run", "--methods", vit_methods, *common, "--out", str(tmp_path / "vit"),
+                 "--set", "backbone.depth=4", "--set", "backbone.embed_dim=64", "--set", "backbone.num_heads=2",
+                 *small]) == 0
+    assert main(["run", "--backbone", "msdnet", "--methods", f"msdnet,{vit_methods}", *common,
+                 "--out", str(tmp_path / "msdnet"), *small]) == 0
+    for run, extra in (("vit", set()), ("msdnet", {"msdnet"})):
+        df = pd.read_csv(tmp_path / run / "metrics.csv")
+        assert set(df["dataset"]) == {"cifar10-cat-ship"}
+        assert set(vit_methods.split(",")) | extra | {"static"} <= set(df["method"])
+        test = df[(df.split == "test") & (df.metric == "accuracy") & df.exit.isna()]
+        assert test.loc[test.method == "static", "value"].iloc[0] > 0.6  # two classes: something was learnt
+        assert set(test.loc[test.method == "threshold", "budget"].dropna().round(1)) == {b / 10 for b in range(1, 11)}
+    assert main(["report", str(tmp_path / "vit"), str(tmp_path / "msdnet"), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.md").read_text().count("cifar10-cat-ship") >= 1
