@@ -97,6 +97,7 @@ def test_photo_datasets_fine_tune_vit_s16_at_224_and_the_scratch_vit_stays_by_na
         assert cfg.pretrained and cfg.model == "vit_small_patch16_224.augreg_in21k_ft_in1k"
         assert (cfg.img_size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.optimizer) == (224, 384, 12, 6, "sgd")
     assert VIT.configure("svhn", {}).augment == "crop"  # no flips on house numbers
+    assert VIT.configure("cifar10", {"model": "vit_base_patch16_384"}).img_size == 384  # each checkpoint its own
     scratch = BACKBONES.get("vit-scratch").configure("cifar100", {})
     assert not scratch.pretrained and BACKBONES.get("vit-scratch").label(scratch) == "vit-d12-w192-p4-32px"
     with pytest.raises(UserError, match="--backbone vit-scratch"):

@@ -126,8 +126,9 @@ class ViT(Backbone):
                 raise UserError(f"--set {', '.join(conflicts)}: a pretrained {cfg.model!r} has its checkpoint's "
                                 "architecture. Drop these --set values, or train from scratch without --pretrained "
                                 "(e.g. --backbone vit-scratch).")
-            recipe = {} if base.pretrained else {**FINETUNE, "img_size": arch["img_size"]}
-            cfg = dataclasses.replace(base, **{**recipe, **{k: arch[k] for k in ARCHITECTURE}, **checked})
+            recipe = {} if base.pretrained else FINETUNE  # the checkpoint's resolution unless img_size is set
+            own = {k: arch[k] for k in (*ARCHITECTURE, "img_size")}
+            cfg = dataclasses.replace(base, **{**recipe, **own, **checked})
             if cfg.weights_file:
                 cfg = dataclasses.replace(cfg, weights_sha256=_checked_weights_sha256(cfg, owner))
         elif base.pretrained:
