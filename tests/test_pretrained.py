@@ -64,7 +64,8 @@ def test_the_run_records_the_checkpoint(tmp_path, checkpoint, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "backbone.patch_size=4"], "backbone.patch_size=4 (the checkpoint's: 16)"),
-    (["--set", "backbone.depth=6", "--set", "backbone.embed_dim=128"], "backbone.embed_dim=128 (the checkpoint's: 192)"),
+    (["--set", "backbone.depth=6", "--set", "backbone.embed_dim=128"],
+     "backbone.embed_dim=128 (the checkpoint's: 192)"),
     (["--pretrained", "/nonexistent/w.safetensors"], "the file does not exist"),
 ])
 def test_conflicts_with_the_checkpoint_exit_2_before_any_work(tmp_path, capsys, args, message):

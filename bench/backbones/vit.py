@@ -132,8 +132,8 @@ class ViT(Backbone):
             if cfg.weights_file:
                 cfg = dataclasses.replace(cfg, weights_sha256=_checked_weights_sha256(cfg, owner))
         elif base.pretrained:
-            raise UserError(f"--set {owner}.pretrained=false: on {dataset} the vit backbone fine-tunes a pretrained {base.model!r} at "
-                            f"{base.img_size} px with the fine-tuning recipe. To train a ViT from scratch use "
+            raise UserError(f"--set {owner}.pretrained=false: on {dataset} the vit backbone fine-tunes a pretrained "
+                            f"{base.model!r} at {base.img_size} px. To train a ViT from scratch use "
                             "--backbone vit-scratch (its own small-image defaults); to fine-tune another timm ViT "
                             "name it: --backbone NAME.")
         elif cfg.weights_file:
