@@ -357,3 +357,63 @@ def test_provenance_records_a_retypable_command_and_the_machine():
     assert command_line(["/x/bench/__main__.py", "run", "--set", "a.b=c d"]) == "python -m bench run --set 'a.b=c d'"
     m = machine()
     assert m["cpu_model"] and m["cpu_count"] >= 1 and isinstance(m["gpus"], list) and "node" not in m
+
+
+def _split_by_seed(whole: Path, base: Path, config: dict) -> list[Path]:
+    """One folder per seed of a hand-built run, as a sweep whose seeds ran in separate sessions: the same config
+    apart from the placement fields (seeds, out, argv), each with its own run id."""
+    metrics = pd.read_csv(whole / "metrics.csv")
+    dec = pd.read_csv(whole / "decisions.csv.gz")
+    parts = []
+    for seed in (0, 1):
+        part = base / f"part-s{seed}"
+        part.mkdir(parents=True)
+        metrics[metrics["seed"] == seed].assign(run_id=f"r{seed}").to_csv(part / "metrics.csv", index=False)
+        dec[dec["seed"] == seed].to_csv(part / "decisions.csv.gz", index=False)
+        with_run_json(part, run_id=f"r{seed}", command=f"python -m bench run --seeds {seed} --out {part}",
+                      config={**config, "seeds": [seed], "out": str(part), "argv": ["run", "--seeds", str(seed)]})
+        parts.append(part)
+    return parts
+
+
+def test_a_sweep_split_over_runs_is_aggregated_as_one(tmp_path):
+    whole = hand_built_run(tmp_path / "whole")
+    cfg = {"device": "cpu", "dataset": "toy", "methods": ["threshold", "patience", "entropy", "oracle"]}
+    parts = _split_by_seed(whole, tmp_path / "sweep", cfg)
+    # the same labels (no run ids) and the same aggregate, over the two seeds, as the run that had both seeds
+    merged, one = load_runs(parts), load_runs([whole])
+    assert sorted(merged["label"].unique()) == sorted(one["label"].unique())
+    cols = ["label", "budget", "metric", "n", "mean", "std"]
+    a = aggregate(merged).sort_values(cols[:3]).reset_index(drop=True)[cols]
+    b = aggregate(one).sort_values(cols[:3]).reset_index(drop=True)[cols]
+    pd.testing.assert_frame_equal(a, b)
+    assert a.loc[(a["label"] == "threshold") & (a["metric"] == "accuracy") & (a["budget"] == 0.5), "n"].item() == 2
+    # one section on the page, naming both parts, their seeds and commands; the table over both seeds
+    page = tmp_path / "page.md"
+    assert main(["report", *map(str, parts), "--page", str(page)]) == 0
+    text = page.read_text()
+    assert text.count("\n## ") == 1 and f"## toy — `{parts[0]}`, `{parts[1]}`" in text
+    assert "One sweep run in 2 parts" in text
+    for seed, part in enumerate(parts):
+        assert f"Seed {seed} (`{part}`):" in text and f"python -m bench run --seeds {seed} --out {part}" in text
+    assert "| toy | threshold | 0.5 | 0.8500 ± 0.0707 | 0.505 ± 0.007 | 0.0250 ± 0.0071 | 2 |" in text
+
+
+@pytest.mark.parametrize("change", ["other settings", "same seed", "no run.json"])
+def test_runs_that_are_not_one_sweep_stay_apart(tmp_path, change):
+    whole = hand_built_run(tmp_path / "whole")
+    cfg = {"device": "cpu", "dataset": "toy", "methods": ["threshold", "patience", "entropy", "oracle"]}
+    parts = _split_by_seed(whole, tmp_path / "sweep", cfg)
+    if change == "other settings":  # e.g. another backbone recipe: a different experiment, not more seeds
+        with_run_json(parts[1], run_id="r1", config={**cfg, "overrides": {"backbone": {"epochs": 3}}})
+    elif change == "same seed":  # the same seed twice is a repeat, not a part
+        m = pd.read_csv(whole / "metrics.csv")
+        m[m["seed"] == 0].assign(run_id="r1").to_csv(parts[1] / "metrics.csv", index=False)
+    else:
+        (parts[1] / "run.json").unlink()
+    labels = set(load_runs(parts)["label"])
+    assert {"threshold [r0]", "threshold [r1]"} <= labels and "threshold" not in labels
+    page = tmp_path / "page.md"
+    assert main(["report", *map(str, parts), "--page", str(page)]) == 0
+    text = page.read_text()
+    assert text.count("\n## ") == 2 and "One sweep run in" not in text

@@ -1,7 +1,9 @@
 """``python -m bench report``: aggregate one or more run directories over seeds, compare methods pairwise on
 the same test samples, and write ``report.md`` / ``report.tex`` / ``aggregate.csv`` plus the figures of
 :mod:`bench.results.plots`; or, with ``--page PATH`` (:func:`build_page`), a markdown results page with one
-section per run (its command, machine, summary table and figures), every number read from the run folders.
+section per run (its command, machine, summary table and figures), every number read from the run folders. Runs
+with the same settings and other seeds (one sweep split over sessions or machines: :func:`sweep_key`) are
+aggregated together, in the report and in one section of the page.
 
 Aggregation: per dataset x backbone x method x budget x metric (conformal rows also keyed by ``score``,
 ``scope`` and ``alpha`` from ``params``), the mean, the standard deviation (ddof 1) and a 95 % confidence
@@ -91,16 +93,39 @@ def _check_comparable(df: pd.DataFrame) -> None:
                         "splits (same dataset version, seeds and split settings), or report them separately.")
 
 
+# run.json config fields that say where and how a sweep's jobs ran, not what they computed: runs equal in every
+# other field are parts of one sweep (its seeds split over sessions or machines) and are aggregated together
+PLACEMENT_FIELDS = ("argv", "out", "seeds", "cache_dir", "executor", "workers", "scheduler", "retries", "threads")
+
+
+def sweep_key(run_dir: Path) -> str | None:
+    """What a run computed, as one string: its run.json config without the placement fields (None without
+    run.json). Two runs with the same key and no seed in common are parts of one sweep."""
+    cfg = _read_run_json(Path(run_dir)).get("config")
+    if not isinstance(cfg, dict):
+        return None
+    return json.dumps({k: v for k, v in cfg.items() if k not in PLACEMENT_FIELDS}, sort_keys=True)
+
+
+def _one_sweep(g: pd.DataFrame) -> bool:
+    """Whether rows of several runs (one dataset, backbone and method) are parts of one sweep: the same sweep
+    key and every seed from one run only."""
+    keys = g.drop_duplicates("run_id")["_sweep"]
+    return bool(keys.notna().all() and keys.nunique() == 1 and (g.groupby("seed")["run_id"].nunique() == 1).all())
+
+
 def _label(df: pd.DataFrame) -> pd.DataFrame:
     """``label``: the display name. Bounds are marked (``method_label``); a method present in several runs of the
-    same dataset (e.g. two JEI-DNN variants) gets its run id appended; where a dataset's rows come from several
-    networks (``msdnet`` brings its own), labels name the network. Each static backbone is kept once."""
+    same dataset (e.g. two JEI-DNN variants) gets its run id appended, unless those runs are parts of one sweep
+    (:func:`sweep_key`: the same settings, other seeds), whose seeds are then aggregated together; where a
+    dataset's rows come from several networks (``msdnet`` brings its own), labels name the network. Each static
+    backbone is kept once."""
     static = df["method"] == "static"
     first = df[static].groupby(["dataset", "backbone", "seed"])["run_id"].first().rename("_first")
     df = df.merge(first, left_on=["dataset", "backbone", "seed"], right_index=True, how="left")
     df = df[~static | (df["run_id"] == df["_first"])].drop(columns="_first").reset_index(drop=True)
-    runs_per = df[df["method"] != "static"].groupby(["dataset", "backbone", "method"])["run_id"].nunique()
-    dup = {k for k, v in runs_per.items() if v > 1}
+    dup = {k for k, g in df[df["method"] != "static"].groupby(["dataset", "backbone", "method"])
+           if g["run_id"].nunique() > 1 and not _one_sweep(g)}
     several = df.groupby("dataset")["backbone"].nunique().to_dict()
     df["label"] = [with_backbone(method_label(m), b, several[ds] > 1) + (f" [{r}]" if (ds, b, m) in dup else "")
                    for ds, m, b, r in zip(df["dataset"], df["method"], df["backbone"], df["run_id"])]
@@ -112,9 +137,9 @@ def load_runs(run_dirs: Sequence[str | os.PathLike]) -> pd.DataFrame:
     missing/malformed run or runs on different splits."""
     if not run_dirs:
         raise UserError("give at least one run directory.")
-    df = pd.concat([_read_run(Path(p)) for p in run_dirs], ignore_index=True)
+    df = pd.concat([_read_run(Path(p)).assign(_sweep=sweep_key(Path(p))) for p in run_dirs], ignore_index=True)
     _check_comparable(df)
-    return _label(df)
+    return _label(df).drop(columns="_sweep")
 
 
 DECISION_KEYS = ["dataset", "split", "seed", "method", "label", "budget", "params", "sample_id", "pred", "target"]
@@ -724,18 +749,30 @@ class _Section:
     figures: dict
 
 
-def _section(run_dir: Path, name: str, df: pd.DataFrame, split: str, budget: float | None,
-             figure_dir: str) -> _Section:
+def _provenance(run_dir: Path) -> list[str]:
+    """The command block and machine line of one run."""
     run = _read_run_json(run_dir)
+    cmd = _command(run)
+    return [*(["```bash", cmd, "```"] if cmd else ["Command: not recorded (no run.json)."]), "", machine_line(run)]
+
+
+def _section(run_dirs: Sequence[Path], name: str, df: pd.DataFrame, split: str, budget: float | None,
+             figure_dir: str) -> _Section:
     datasets = list(dict.fromkeys(df["dataset"]))
     agg = aggregate(df, split)
     chosen = choose_budget(agg, budget)
     dist = exit_distribution(df, chosen, split) if chosen is not None else None
     figs = plots.figures(agg, dist, chosen, timing_setup_text(timing_setup(df)))
-    cmd = _command(run)
-    lines = [f"## {', '.join(datasets)} — `{run_dir}`", "",
-             *(["```bash", cmd, "```"] if cmd else ["Command: not recorded (no run.json)."]), "",
-             machine_line(run), "",
+    if len(run_dirs) == 1:
+        provenance = _provenance(run_dirs[0])
+    else:
+        provenance = [f"One sweep run in {len(run_dirs)} parts (the same settings, other seeds), aggregated "
+                      "together:"]
+        for d in run_dirs:
+            seeds = sorted(df.loc[df["run_dir"] == str(d), "seed"].unique())
+            provenance += ["", f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (`{d}`):", "",
+                           *_provenance(d)]
+    lines = [f"## {', '.join(datasets)} — {', '.join(f'`{d}`' for d in run_dirs)}", "", *provenance, "",
              f"Mean ± std over seeds ({split}; `macs_rel` is the realised cost relative to the static backbone; "
              "bounds read labels and are marked as such; each method's budget rows come first, then its own "
              "operating points by their native parameter; a budget that only repeats a smaller budget's point reads "
@@ -762,6 +799,26 @@ def _section(run_dir: Path, name: str, df: pd.DataFrame, split: str, budget: flo
     return _Section("\n".join(lines), figs)
 
 
+def _seeds_of(run_dir: Path) -> set[int]:
+    return set(pd.read_csv(run_dir / "metrics.csv", usecols=["seed"])["seed"].unique().tolist())
+
+
+def _sweeps(dirs: Sequence[Path]) -> list[list[Path]]:
+    """The run folders grouped into sweeps, in order of first appearance: a folder joins an earlier one's group
+    when their :func:`sweep_key` is equal and it brings only new seeds; a folder without run.json stays alone."""
+    groups: list[tuple[str | None, set[int], list[Path]]] = []
+    for d in dirs:
+        key, seeds = sweep_key(d), _seeds_of(d) if (d / "metrics.csv").is_file() else set()
+        for gkey, gseeds, members in groups:
+            if key is not None and key == gkey and seeds and not seeds & gseeds:
+                members.append(d)
+                gseeds |= seeds
+                break
+        else:
+            groups.append((key, set(seeds), [d]))
+    return [members for _, _, members in groups]
+
+
 def page_command(run_dirs: Sequence[str | os.PathLike], page: str | os.PathLike, split: str = "test",
                  budget: float | None = None) -> str:
     """The command that regenerates the page (printed on its first line)."""
@@ -780,23 +837,24 @@ def build_page(run_dirs: Sequence[str | os.PathLike], page: str | os.PathLike, s
     dirs = [Path(p) for p in run_dirs]
     if not dirs:
         raise UserError("give at least one run directory.")
-    frames = [load_runs([d]) for d in dirs]
+    for d in dirs:
+        _read_run_json(d)
+    groups = _sweeps(dirs)
+    frames = [load_runs(g) for g in groups]
     for d in frames:
         _check_split(d, split)
         choose_budget(aggregate(d, split), budget)  # an unknown --budget fails before anything is drawn
-    for d in dirs:
-        _read_run_json(d)
     _use_agg()
     page = Path(page)
-    names = _run_names(dirs, frames)
-    sections = [_section(d, n, df, split, budget, figure_dir) for d, n, df in zip(dirs, names, frames)]
+    names = _run_names([g[0] for g in groups], frames)
+    sections = [_section(g, n, df, split, budget, figure_dir) for g, n, df in zip(groups, names, frames)]
     head = [f"Generated by `bench report` from the run folders below; do not edit by hand. Regenerate with "
             f"`{page_command(run_dirs, page, split, budget)}`.", "",
             "# Results", "",
-            "One section per run: the command that produced it, the machine it ran on, and its table (mean ± std "
-            "over seeds per method and budget, then per own operating point of a method, such as JEI-DNN's λ), then "
-            "the real early-exit timings when the run was timed. Rerun a section's command to recreate its run "
-            "folder.", ""]
+            "One section per run, or per sweep whose seeds ran as separate runs: the command that produced it, the "
+            "machine it ran on, and its table (mean ± std over seeds per method and budget, then per own operating "
+            "point of a method, such as JEI-DNN's λ), then the real early-exit timings when the run was timed. "
+            "Rerun a section's command to recreate its run folder.", ""]
     text = "\n".join(head + ["\n\n".join(s.text for s in sections)]) + "\n"
     written = []
     for name, section in zip(names, sections):
