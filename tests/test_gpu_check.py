@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import gpu_check
+from bench.pipeline.runner import CPU_LOGIT_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +25,14 @@ def test_the_dry_run_passes_every_section_with_real_figures(dry):
     assert rc == 0 and report["failed"] == [] and report["dry"] and report["device"] == "cpu"
     assert list(s) == [name for name, _ in gpu_check.SECTIONS]
     assert {v["status"] for v in s.values()} == {"ok"} and all(v["seconds"] >= 0 for v in s.values())
-    # 1. the CUDA tests ran (and skipped: no GPU here), and the real runner equals the simulation exactly
+    # 1. the CUDA tests ran (and skipped: no GPU here), and the real runner equals the simulation (to float32 rounding)
     t = s["cuda_tests"]
     assert t["exit_code"] == 0 and t["failed"] == t["error"] == 0 and len(t["cases"]) >= len(gpu_check.CUDA_TESTS)
     assert t["skipped"] == len(t["cases"]) if not torch.cuda.is_available() else t["passed"] > 0
     r = s["runner_vs_simulation"]
     assert {m["method"] for m in r["methods"]} >= {"threshold", "patience", "jeidnn", "jeidnn_consistent"}
-    assert r["points"] >= 7 and r["exit_mismatches"] == r["prediction_flips"] == 0 and r["max_logit_diff"] == 0.0
+    assert r["points"] >= 7 and r["exit_mismatches"] == r["prediction_flips"] == 0
+    assert r["max_logit_diff"] < CPU_LOGIT_TOLERANCE
     assert all(m["block_rows_equal"] and m["points"] >= 1 for m in r["methods"])
     # 2. throughputs, with the dtype they were measured in
     for key in ("vit_s16_224", "vit_cifar"):

@@ -13,8 +13,8 @@ from bench.backbones.vit import ViT, ViTConfig
 from bench.core.interface import METHODS, create_method, resolve_points
 from bench.pipeline.config import RunConfig
 from bench.pipeline import runner
-from bench.pipeline.runner import (compare_with_simulation, method_on_device, run_early_exit, stage_inputs,
-                                   static_timing, streams_on_device, time_call, timing_metrics)
+from bench.pipeline.runner import (CPU_LOGIT_TOLERANCE, compare_with_simulation, method_on_device, run_early_exit,
+                                   stage_inputs, static_timing, streams_on_device, time_call, timing_metrics)
 from bench.pipeline.tasks import load_task
 from tests._early_exit_check import assert_real_equals_simulated
 
@@ -133,7 +133,7 @@ def test_compare_with_simulation_counts_nothing_on_cpu(setup, name):
                                     batch_size=100)
     assert [r["params"] for r in found] == [p.params for p in points if not p.infeasible] and len(found) >= 2
     for r in found:
-        assert (r["exit_mismatches"], r["prediction_flips"], r["max_logit_diff"]) == (0, 0, 0.0)
+        assert (r["exit_mismatches"], r["prediction_flips"]) == (0, 0) and r["max_logit_diff"] < CPU_LOGIT_TOLERANCE
         assert r["block_rows_equal"] and r["n"] == len(ds.test_x)
 
 

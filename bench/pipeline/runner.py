@@ -161,13 +161,19 @@ def run_early_exit(st: Stages, method: ExitMethod, point: OperatingPoint, x: tor
     return EarlyExitResult(exits.cpu().numpy(), None if out is None else out.cpu(), block_rows)
 
 
+# float32 rounding of a matrix product summed in another order, far below a wrong head or row (whole units)
+CPU_LOGIT_TOLERANCE = 1e-4
+
+
 def compare_with_simulation(st: Stages, method: ExitMethod, task, x: torch.Tensor, points, batch_size: int = 256
                             ) -> list[dict]:
     """The real runner on images ``x`` (the task's test split, on the model's device) against deciding on the
     cached test features, per operating point: budget, ``exit_mismatches`` (samples leaving at another exit),
     ``prediction_flips`` (another argmax), ``max_logit_diff`` (largest absolute difference of the emitted
     logits), ``block_rows_equal`` (each block saw exactly the samples the simulation keeps running) and n. On
-    CPU in float32 every count is 0 (the tests assert it); on CUDA the gpu check reports them."""
+    CPU in float32 both counts are 0 and the logits agree within ``CPU_LOGIT_TOLERANCE`` (the tests assert it):
+    the runner's compacted batches are smaller than the cache's, and on some CPUs the matrix kernels then sum in
+    another order (1.5e-7 on CI's); on CUDA the gpu check reports them."""
     test = task.splits["test"]
     out = []
     for point in points:

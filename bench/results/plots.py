@@ -6,6 +6,7 @@ Imports go one way: ``report`` imports this module, never the reverse. matplotli
 figure is drawn (they are slow to import)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -218,22 +219,39 @@ def figures(agg: pd.DataFrame, dist: pd.DataFrame | None = None, budget: float |
     return {k: v for k, v in figs.items() if v is not None}
 
 
-def save_figure(fig, path: Path, fmt: str) -> None:
-    """Write one figure atomically. PNGs carry no software tag and PDFs no creation date, so the same runs give
-    the same bytes."""
+def render(fig, fmt: str) -> bytes:
+    """The bytes of one figure as ``fmt``. PNGs carry no software tag and PDFs no creation date, so the same runs
+    give the same bytes."""
     metadata = {"Software": None} if fmt == "png" else {"CreationDate": None, "Producer": None, "Creator": None}
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=metadata))
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight", metadata=metadata)
+    return buf.getvalue()
+
+
+def render_all(figs: dict, formats: tuple[str, ...] = ("png", "pdf")) -> dict[tuple[str, str], bytes]:
+    """(name, format) -> bytes for every figure of ``figs`` (from :func:`figures`), closing each once drawn: a
+    page of many sweeps holds bytes, not open figures."""
+    plt = _plt()
+    out = {}
+    for name, fig in figs.items():
+        for fmt in formats:
+            out[name, fmt] = render(fig, fmt)
+        plt.close(fig)
+    return out
+
+
+def write_all(rendered: dict[tuple[str, str], bytes], out: Path, prefix: str = "") -> dict[str, list[Path]]:
+    """Write what :func:`render_all` drew as ``out/<prefix><name>.<fmt>``, each file atomically; returns
+    name -> paths."""
+    paths: dict[str, list[Path]] = {}
+    for (name, fmt), data in rendered.items():
+        path = Path(out) / f"{prefix}{name}.{fmt}"
+        atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
+        paths.setdefault(name, []).append(path)
+    return paths
 
 
 def save_all(figs: dict, out: Path, prefix: str = "", formats: tuple[str, ...] = ("png", "pdf")) -> dict[str, list[Path]]:
     """Write every figure of ``figs`` (from :func:`figures`) as ``out/<prefix><name>.<fmt>`` and close it;
     returns name -> paths."""
-    plt = _plt()
-    paths: dict[str, list[Path]] = {}
-    for name, fig in figs.items():
-        for fmt in formats:
-            path = Path(out) / f"{prefix}{name}.{fmt}"
-            save_figure(fig, path, fmt)
-            paths.setdefault(name, []).append(path)
-        plt.close(fig)
-    return paths
+    return write_all(render_all(figs, formats), out, prefix)

@@ -746,7 +746,7 @@ def _run_names(run_dirs: Sequence[Path], frames: Sequence[pd.DataFrame]) -> list
 @dataclass
 class _Section:
     text: str
-    figures: dict
+    figures: dict  # (figure, format) -> bytes, drawn and closed (plots.render_all)
 
 
 def _provenance(run_dir: Path) -> list[str]:
@@ -762,7 +762,8 @@ def _section(run_dirs: Sequence[Path], name: str, df: pd.DataFrame, split: str, 
     agg = aggregate(df, split)
     chosen = choose_budget(agg, budget)
     dist = exit_distribution(df, chosen, split) if chosen is not None else None
-    figs = plots.figures(agg, dist, chosen, timing_setup_text(timing_setup(df)))
+    rendered = plots.render_all(plots.figures(agg, dist, chosen, timing_setup_text(timing_setup(df))), ("png",))
+    figs = [k for k, _ in rendered]
     if len(run_dirs) == 1:
         provenance = _provenance(run_dirs[0])
     else:
@@ -796,7 +797,7 @@ def _section(run_dirs: Sequence[Path], name: str, df: pd.DataFrame, split: str, 
         lines += ["", "Figures: " + " · ".join(links)]
         if "accuracy_vs_cost" in figs:
             lines += ["", f"![accuracy vs cost, {', '.join(datasets)}]({figure_dir}/{name}_accuracy_vs_cost.png)"]
-    return _Section("\n".join(lines), figs)
+    return _Section("\n".join(lines), rendered)
 
 
 def _seeds_of(run_dir: Path) -> set[int]:
@@ -858,7 +859,7 @@ def build_page(run_dirs: Sequence[str | os.PathLike], page: str | os.PathLike, s
     text = "\n".join(head + ["\n\n".join(s.text for s in sections)]) + "\n"
     written = []
     for name, section in zip(names, sections):
-        saved = plots.save_all(section.figures, page.parent / figure_dir, prefix=f"{name}_", formats=("png",))
+        saved = plots.write_all(section.figures, page.parent / figure_dir, prefix=f"{name}_")
         written += [p for paths in saved.values() for p in paths]
     atomic_write_text(page, text)
     return [*written, page]
