@@ -2,6 +2,7 @@
 committed run folders gives the committed text."""
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -27,9 +28,9 @@ def test_results_page_regenerates_from_the_run_folders(tmp_path, monkeypatch):
     assert dirs and all((ROOT / d / "metrics.csv").is_file() and (ROOT / d / "run.json").is_file() for d in dirs)
     monkeypatch.chdir(ROOT)  # the page names its run folders relative to the repository
     out = tmp_path / "results" / "README.md"
-    build_page(dirs, out)
+    assert build_page(dirs, out, draw=False) == [out]  # the text alone: drawing is tested in test_report
     regenerated = out.read_text(encoding="utf-8").splitlines()
     # the first line names the page's own path; everything else must be identical
     assert regenerated[1:] == committed.splitlines()[1:]
-    assert {p.name for p in (tmp_path / "results" / "figures").iterdir()} <= \
-        {p.name for p in (ROOT / "results" / "figures").iterdir()}
+    linked = set(re.findall(r"\(figures/([^)]+\.png)\)", "\n".join(regenerated)))
+    assert linked and linked <= {p.name for p in (ROOT / "results" / "figures").iterdir()}
