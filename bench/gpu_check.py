@@ -5,8 +5,9 @@
 no data needed). It needs only the working tree and, for its last section, ``../shared/data/cifar10-jpeg.tar.gz``
 (relative to the repository root; ``--data`` names another); no network (it sets ``HF_HUB_OFFLINE=1``). Sized to
 finish in about 7 of its 8 minutes on one H100. It writes ``gpu-check.json`` (every figure, each section's
-status, error and seconds) and ``gpu-check.md`` (the same figures as tables, naming the device), plus the
-bench run of section 4 under ``run/``; it prints their paths and exits 1 when any section failed (the others
+status, error and seconds) and ``gpu-check.md`` (the same figures as tables, naming the device), both rewritten
+after each section (a check stopped at a time limit keeps what it finished and names what it did not reach), plus
+the bench run of section 4 under ``run/``; it prints their paths and exits 1 when any section failed (the others
 still ran), 2 on a usage error (no CUDA device without ``--dry``).
 
 Sections:
@@ -408,8 +409,10 @@ SECTIONS = (("cuda_tests", cuda_tests), ("runner_vs_simulation", runner_vs_simul
             ("cifar10_from_scratch", cifar10_from_scratch))
 
 
-def run_sections(ctx: dict, log=print) -> dict:
-    """Each section in turn, each wrapped: a failure is recorded (error and traceback) and the next one runs."""
+def run_sections(ctx: dict, log=print, after=None) -> dict:
+    """Each section in turn, each wrapped: a failure is recorded (error and traceback) and the next one runs.
+    ``after(results)``, if given, is called after each section (the files are rewritten: a check stopped at a time
+    limit keeps the figures of the sections it finished)."""
     results = {}
     for name, fn in SECTIONS:
         t0 = time.perf_counter()
@@ -425,6 +428,8 @@ def run_sections(ctx: dict, log=print) -> dict:
         results[name] = entry
         log(f"gpu-check: {name} {entry['status']} in {entry['seconds']:.0f} s"
             + (f": {entry.get('error') or entry.get('note')}" if entry["status"] != "ok" else ""), flush=True)
+        if after is not None:
+            after(results)
     return results
 
 
@@ -453,13 +458,16 @@ def markdown(report: dict) -> str:
              "| section | status | seconds | note |", "|---|---|---|---|",
              *(f"| {k} | {v['status']} | {v['seconds']:.0f} | {v.get('error') or v.get('note') or ''} |"
                for k, v in s.items()), ""]
-    t = s["cuda_tests"]
+    missing = [name for name, _ in SECTIONS if name not in s]
+    if missing:
+        lines += [f"Not reached (the check stopped before them): {', '.join(missing)}.", ""]
+    t = s.get("cuda_tests", {})
     if "cases" in t:
         lines += ["## 1. CUDA tests and the real runner against the simulation", "",
                   f"pytest: {t['passed']} passed, {t['failed']} failed, {t['error']} errors, {t['skipped']} skipped "
                   f"(`{t['command']}`).", ""]
         lines += _table(["test", "outcome", "s"], [[c["test"], c["outcome"], c["seconds"]] for c in t["cases"]]) + [""]
-    r = s["runner_vs_simulation"]
+    r = s.get("runner_vs_simulation", {})
     if "methods" in r:
         lines += [f"Real runner on {report['device']} against the simulation from the feature cache ({r['backbone']}, "
                   f"{r['dataset']}, {r['test_images']} test images per point): {r['exit_mismatches']} exit "
@@ -468,7 +476,7 @@ def markdown(report: dict) -> str:
                          "block rows equal"],
                         [[m["method"], m["points"], m["exit_mismatches"], m["prediction_flips"],
                           f"{m['max_logit_diff']:.2e}", m["block_rows_equal"]] for m in r["methods"]]) + [""]
-    t = s["throughput"]
+    t = s.get("throughput", {})
     if "vit_cifar" in t:
         lines += ["## 2. Training and feature-extraction throughput (images/s, synthetic inputs)", ""]
         lines += _table(["backbone", "timm model", "px", "train batch", "train img/s", "train dtype",
@@ -476,7 +484,7 @@ def markdown(report: dict) -> str:
                         [[v["backbone"], v["timm_model"], v["img_size"], v["batch_size"], v["train_images_per_s"],
                           v["train_dtype"], v["feature_images_per_s"], v["feature_dtype"]]
                          for v in (t["vit_s16_224"], t["vit_cifar"])]) + [""]
-    e = s["early_exit_timing"]
+    e = s.get("early_exit_timing", {})
     if "points" in e:
         b = e["timing_batch"]
         st = e["static"]
@@ -489,7 +497,9 @@ def markdown(report: dict) -> str:
                         [[p["method"], p["decided_on"], p["budget"], p["macs_rel"], p[f"wall_rel_b{b}"],
                           p[f"throughput_b{b}"], p["wall_rel_b1"], p["latency_ms"], p["latency_ms_p90"],
                           p[f"within_1.25x_at_b{b}"]] for p in e["points"]]) + [""]
-    c = s["cifar10_from_scratch"]
+    c = s.get("cifar10_from_scratch")
+    if c is None:
+        return "\n".join(lines)
     lines += ["## 4. From scratch on the CIFAR-10 photographs", ""]
     if c["status"] == "ok":
         lines += [f"```bash\n{c['command']}\n```", "",
@@ -546,20 +556,28 @@ def main(argv: list[str] | None = None, log=print) -> int:
     threads = torch.get_num_threads()
     if args.dry:  # one thread: on a small shared CPU a second one mostly waits for its turn (100 ms stalls)
         torch.set_num_threads(1)
+    json_path, md_path = out / "gpu-check.json", out / "gpu-check.md"
+
+    def save(sections: dict) -> dict:
+        failed = [k for k, v in sections.items() if v["status"] == "failed"]
+        report = {"device": device, "device_name": device_name(device), "dry": args.dry, "torch": torch.__version__,
+                  "cuda": torch.version.cuda, "python": platform.python_version(), "git_sha": _git_sha(),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                  "command": shlex.join(["python", "-m", "bench.gpu_check",
+                                         *(argv if argv is not None else sys.argv[1:])]),
+                  "total_seconds": round(time.perf_counter() - t0, 1), "failed": failed,
+                  "not_reached": [name for name, _ in SECTIONS if name not in sections], "sections": sections}
+        atomic_write_text(json_path, json.dumps(report, indent=1, default=str) + "\n")
+        atomic_write_text(md_path, markdown(report) + "\n")
+        return report
+
     try:
-        sections = run_sections(ctx, log)
+        sections = run_sections(ctx, log, after=save)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(threads)
-    failed = [k for k, v in sections.items() if v["status"] == "failed"]
-    report = {"device": device, "device_name": device_name(device), "dry": args.dry, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "python": platform.python_version(), "git_sha": _git_sha(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "command": shlex.join(["python", "-m", "bench.gpu_check", *(argv if argv is not None else sys.argv[1:])]),
-              "total_seconds": round(time.perf_counter() - t0, 1), "failed": failed, "sections": sections}
-    json_path, md_path = out / "gpu-check.json", out / "gpu-check.md"
-    atomic_write_text(json_path, json.dumps(report, indent=1, default=str) + "\n")
-    atomic_write_text(md_path, markdown(report) + "\n")
+    report = save(sections)
+    failed = report["failed"]
     log(f"gpu-check: {len(sections) - len(failed)}/{len(sections)} sections without failure in "
         f"{report['total_seconds']:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
     log(f"wrote {json_path}")

@@ -106,3 +106,27 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path, monkey
 def test_the_full_check_without_a_gpu_says_to_use_the_dry_run(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
     assert "--dry" in capsys.readouterr().err and not (tmp_path / "gpu-check.json").exists()
+
+
+def test_a_check_stopped_mid_way_keeps_the_figures_of_the_sections_it_finished(tmp_path, monkeypatch):
+    # a time limit (timeout, a lease running out) kills the process inside a section: the files on disk must
+    # already hold every section finished before it and name the ones not reached
+    seen = {}
+
+    def ok(ctx):
+        return {"figure": 2.5}
+
+    def killed(ctx):
+        seen.update(json.loads((tmp_path / "gpu-check.json").read_text()))
+        seen["md"] = (tmp_path / "gpu-check.md").read_text()
+        raise KeyboardInterrupt  # not caught by the section wrapper: the process dies here
+
+    monkeypatch.setattr(gpu_check, "SECTIONS", (("cuda_tests", ok), ("throughput", ok),
+                                                ("early_exit_timing", killed), ("cifar10_from_scratch", ok)))
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--dry", "--out", str(tmp_path)])
+    assert list(seen["sections"]) == ["cuda_tests", "throughput"]
+    assert seen["sections"]["throughput"]["figure"] == 2.5 and seen["failed"] == []
+    assert seen["not_reached"] == ["early_exit_timing", "cifar10_from_scratch"]
+    assert "Not reached (the check stopped before them): early_exit_timing, cifar10_from_scratch." in seen["md"]
+    assert "## 4. From scratch" not in seen["md"]
