@@ -458,9 +458,8 @@ def markdown(report: dict) -> str:
              "| section | status | seconds | note |", "|---|---|---|---|",
              *(f"| {k} | {v['status']} | {v['seconds']:.0f} | {v.get('error') or v.get('note') or ''} |"
                for k, v in s.items()), ""]
-    missing = [name for name, _ in SECTIONS if name not in s]
-    if missing:
-        lines += [f"Not reached (the check stopped before them): {', '.join(missing)}.", ""]
+    if report["not_reached"]:
+        lines += [f"Not reached (the check stopped before them): {', '.join(report['not_reached'])}.", ""]
     t = s.get("cuda_tests", {})
     if "cases" in t:
         lines += ["## 1. CUDA tests and the real runner against the simulation", "",
@@ -557,26 +556,25 @@ def main(argv: list[str] | None = None, log=print) -> int:
     if args.dry:  # one thread: on a small shared CPU a second one mostly waits for its turn (100 ms stalls)
         torch.set_num_threads(1)
     json_path, md_path = out / "gpu-check.json", out / "gpu-check.md"
+    fixed = {"device": device, "device_name": device_name(device), "dry": args.dry, "torch": torch.__version__,
+             "cuda": torch.version.cuda, "python": platform.python_version(), "git_sha": _git_sha(),
+             "command": shlex.join(["python", "-m", "bench.gpu_check", *(argv if argv is not None else sys.argv[1:])])}
+    report: dict = {}
 
-    def save(sections: dict) -> dict:
-        failed = [k for k, v in sections.items() if v["status"] == "failed"]
-        report = {"device": device, "device_name": device_name(device), "dry": args.dry, "torch": torch.__version__,
-                  "cuda": torch.version.cuda, "python": platform.python_version(), "git_sha": _git_sha(),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                  "command": shlex.join(["python", "-m", "bench.gpu_check",
-                                         *(argv if argv is not None else sys.argv[1:])]),
-                  "total_seconds": round(time.perf_counter() - t0, 1), "failed": failed,
-                  "not_reached": [name for name, _ in SECTIONS if name not in sections], "sections": sections}
+    def save(sections: dict) -> None:  # after each section: the last call writes the final files
+        report.clear()
+        report.update(fixed, date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                      total_seconds=round(time.perf_counter() - t0, 1),
+                      failed=[k for k, v in sections.items() if v["status"] == "failed"],
+                      not_reached=[name for name, _ in SECTIONS if name not in sections], sections=sections)
         atomic_write_text(json_path, json.dumps(report, indent=1, default=str) + "\n")
         atomic_write_text(md_path, markdown(report) + "\n")
-        return report
 
     try:
         sections = run_sections(ctx, log, after=save)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(threads)
-    report = save(sections)
     failed = report["failed"]
     log(f"gpu-check: {len(sections) - len(failed)}/{len(sections)} sections without failure in "
         f"{report['total_seconds']:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
