@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -233,6 +234,15 @@ _ESTIMATE_AFTER_STEPS = 4  # measured steps (after the first, which pays one-off
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def warmup_cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
+    """The learning rate at optimiser step ``step`` of ``total``: linear warm-up over ``warmup`` steps to
+    ``base``, then cosine decay to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x: np.ndarray, train_y: np.ndarray,

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.backbones.base import AUGMENTATIONS, Backbone, Heads, fit_epochs, register_backbone, to_tensor
+from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, register_backbone, to_tensor,
+                                  warmup_cosine_lr)
 from bench.base.errors import UserError
 from bench.base.fields import bounded, choice
 from bench.measure.flops import ExitMacs, fvcore_macs
@@ -57,8 +58,11 @@ class MSDNetConfig:
     lr: float = bounded(0.1, min=0.0)
     momentum: float = bounded(0.9, min=0.0)
     weight_decay: float = bounded(1e-4, min=0.0)
-    # fractions of the epochs where lr is divided by 10
+    # "step": lr / 10 at the lr_milestones (fractions of the epochs); "cosine": linear warm-up over
+    # warmup_epochs, then cosine decay to 0 per optimiser step (better when there are few epochs)
+    schedule: str = choice("step", ("step", "cosine"))
     lr_milestones: tuple[float, ...] = bounded((0.5, 0.75), min=0.0, max=1.0)
+    warmup_epochs: float = bounded(0.0, min=0.0)
     augment: str = choice("crop_flip", AUGMENTATIONS)
     eval_batch_size: int = bounded(512, min=1)
 
@@ -69,6 +73,8 @@ class MSDNetConfig:
         problems = []
         if self.step_mode not in ("even", "lin_grow"):
             problems.append(f"step_mode {self.step_mode!r} is not even or lin_grow")
+        if self.schedule not in ("step", "cosine"):
+            problems.append(f"schedule {self.schedule!r} is not step or cosine")
         if self.prune not in ("max", "min"):
             problems.append(f"prune {self.prune!r} is not max or min")
         if len(self.gr_factor) != len(self.bn_factor):
@@ -368,13 +374,22 @@ class MSDNetBackbone(Backbone):
     @classmethod
     def train(cls, cfg: MSDNetConfig, train_x, train_y, val_x, val_y, num_classes, seed, device="cpu",
               desc="msdnet"):
-        """SGD with lr / 10 at the milestones; keep the epoch with the best validation accuracy of
-        ``prediction`` (the last exit)."""
+        """SGD with lr / 10 at the milestones (or warm-up and cosine decay per step); keep the epoch with the best
+        validation accuracy of ``prediction`` (the last exit)."""
         torch.manual_seed(seed)
         model = cls.create(cfg, train_x.shape[-1], num_classes).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_milestones})
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+        after_epoch = before_step = None
+        if cfg.schedule == "cosine":
+            steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+            total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+
+            def before_step(step: int) -> None:
+                for g in opt.param_groups:
+                    g["lr"] = warmup_cosine_lr(step, total, warmup, cfg.lr)
+        else:
+            milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_milestones})
+            after_epoch = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1).step
 
         def batch_loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             return sum(F.cross_entropy(o, yb) for o in cls.exit_outputs(cfg, model, xb))
@@ -385,7 +400,7 @@ class MSDNetBackbone(Backbone):
                 "val_exit_accuracy": [float(a) for a in (logits.argmax(2).numpy() == val_y).mean(1)]}
 
         return fit_epochs(model, opt, cfg, train_x, train_y, seed, device, desc, batch_loss, validate,
-                          after_epoch=sched.step, channels_last=True)
+                          before_step=before_step, after_epoch=after_epoch, channels_last=True)
 
     @classmethod
     def stages(cls, model: MSDNet) -> MSDNet:

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, register_backbone,
-                                  to_tensor)
+from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, register_backbone, to_tensor,
+                                  warmup_cosine_lr)
 from bench.base.errors import UserError
 from bench.base.fields import bounded, check_fields, choice
 from bench.base.hashing import file_sha256
@@ -211,7 +211,7 @@ class ViT(Backbone):
 
         def set_lr(step: int) -> None:
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, warmup, cfg.lr)
+                g["lr"] = warmup_cosine_lr(step, total, warmup, cfg.lr)
 
         def validate() -> tuple[float, dict]:
             return (predict_logits(model, val_x, cfg, device).argmax(1).numpy() == val_y).mean().item(), {}
@@ -360,13 +360,6 @@ class ViTStages:
 
 
 # ---- training -------------------------------------------------------------------------------------------
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * t))
-
-
 @torch.no_grad()
 def predict_logits(model, x_uint8: np.ndarray, cfg: ViTConfig, device: str = "cpu") -> torch.Tensor:
     model.eval()
