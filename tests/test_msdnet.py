@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.backbones.base import BACKBONES, block_features, to_tensor
+from bench.backbones.base import BACKBONES, block_features, to_tensor, warmup_cosine_lr
 from bench.backbones.msdnet import MSDNet, MSDNetBackbone, MSDNetConfig, block_layout, msdnet_macs
 from bench.base.errors import UserError
 from bench.core.interface import METHODS, create_method, resolve_points
@@ -151,10 +151,54 @@ def test_boosted_network_trains_on_the_rescaled_boosted_ensemble():
 def test_invalid_configurations_are_user_errors():
     with pytest.raises(UserError, match="step_mode"):
         MSDNetBackbone.configure("digits", {"step_mode": "geometric"})
+    with pytest.raises(UserError, match="schedule"):
+        MSDNetBackbone.configure("digits", {"schedule": "linear"})
     with pytest.raises(UserError, match="too small"):
         MSDNet(MSDNetConfig(img_size=4), 3, 10)
     with pytest.raises(UserError, match="too small"):
         MSDNetBackbone.configure("digits", {"img_size": 4})
+
+
+def test_warmup_cosine_lr_hand_computed():
+    # 10 steps, 2 of warm-up, base 1: 1/2, 1, then 0.5 (1 + cos(pi (step - 2) / 8))
+    lrs = [warmup_cosine_lr(step, 10, 2, 1.0) for step in range(11)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert lrs[4] == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))
+    assert lrs[6] == pytest.approx(0.5)
+    assert lrs[10] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # non-increasing after the warm-up
+    assert warmup_cosine_lr(0, 10, 0, 0.1) == pytest.approx(0.1)  # no warm-up: starts at the base rate
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+def test_training_schedules_set_the_optimisers_learning_rate(monkeypatch, schedule):
+    """The schedule MSDNet's training hands to the shared loop: cosine sets the rate before every step (warm-up
+    included), step divides it by 10 at the milestone epochs."""
+    import bench.backbones.msdnet as msdnet_module
+    seen = {}
+
+    def fake_fit(model, opt, cfg, *args, before_step=None, after_epoch=None, **kwargs):
+        seen.update(opt=opt, before_step=before_step, after_epoch=after_epoch)
+        return model, 0.0, 0, []
+
+    monkeypatch.setattr(msdnet_module, "fit_epochs", fake_fit)
+    cfg = TINY.replace(schedule=schedule, epochs=4, batch_size=10, lr=0.2, warmup_epochs=0.5)
+    x, y = np.zeros((100, 16, 16, 1), np.uint8), np.arange(100) % 10  # 10 steps per epoch, 40 in all
+    MSDNetBackbone.train(cfg, x, y, x[:10], y[:10], 10, seed=0)
+    opt = seen["opt"]
+    if schedule == "cosine":
+        assert seen["after_epoch"] is None
+        end = 0.2 * 0.5 * (1 + np.cos(np.pi * 34 / 35))
+        for step, want in [(0, 0.2 / 5), (4, 0.2), (5, 0.2), (12, 0.1 * (1 + np.cos(np.pi * 7 / 35))), (39, end)]:
+            seen["before_step"](step)
+            assert opt.param_groups[0]["lr"] == pytest.approx(want)
+    else:
+        assert seen["before_step"] is None
+        rates = []
+        for _ in range(4):
+            rates.append(opt.param_groups[0]["lr"])
+            seen["after_epoch"]()
+        assert rates == pytest.approx([0.2, 0.2, 0.02, 0.002])  # milestones at 50 % and 75 % of 4 epochs
 
 
 # ---- trained tiny MSDNets on digits ----------------------------------------------------------------------------

@@ -117,6 +117,19 @@ def test_a_long_cpu_training_prints_its_estimate_and_how_to_shrink_it(monkeypatc
     out = capsys.readouterr()
     text = out.out + out.err
     assert "bb: about" in text and "1 epochs x 7 steps" in text and "--set backbone.epochs=N" in text
+    assert "backbone.depth=N / backbone.embed_dim=N" in text and "growth_rate" not in text
+
+
+def test_the_estimate_names_the_size_fields_of_the_backbone_it_trains(monkeypatch, capsys):
+    from bench.backbones.msdnet import MSDNetBackbone
+    monkeypatch.setattr(base, "ESTIMATE_ABOVE_S", 0.0)
+    cfg = MSDNetBackbone.configure("digits", {"n_blocks": 2, "channels": 4, "growth_rate": 2, "epochs": 1})
+    x = torch.randint(0, 256, (400, 16, 16, 1), dtype=torch.uint8).numpy()
+    y = (torch.arange(400) % 10).numpy()
+    MSDNetBackbone.train(cfg, x, y, x[:50], y[:50], 10, seed=0, desc="bb")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "backbone.n_blocks=N / backbone.channels=N / backbone.growth_rate=N" in text and "embed_dim" not in text
 
 
 def test_a_short_cpu_training_prints_no_estimate(capsys):

@@ -298,7 +298,7 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
             if step == 1:
                 t_first = time.perf_counter()
             elif step == 1 + _ESTIMATE_AFTER_STEPS and not cuda:
-                _print_estimate(desc, device, cfg.epochs, steps_per_epoch,
+                _print_estimate(desc, device, cfg, steps_per_epoch,
                                 (time.perf_counter() - t_first) / _ESTIMATE_AFTER_STEPS)
         if after_epoch is not None:
             after_epoch()
@@ -316,12 +316,18 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
     return model, best[0], best[1], history
 
 
-def _print_estimate(desc: str, device: str, epochs: int, steps_per_epoch: int, step_s: float) -> None:
-    """Say, before a long CPU training gets far, how long it will take and how to shrink it."""
-    total = step_s * epochs * steps_per_epoch
+# the fields that size a network, in the order the estimate names them (each backbone has some of them)
+SIZE_FIELDS = ("depth", "embed_dim", "n_blocks", "channels", "growth_rate")
+
+
+def _print_estimate(desc: str, device: str, cfg, steps_per_epoch: int, step_s: float) -> None:
+    """Say, before a long CPU training gets far, how long it will take and how to shrink it (naming the size
+    fields this backbone's config has)."""
+    total = step_s * cfg.epochs * steps_per_epoch
     if total < ESTIMATE_ABOVE_S:
         return
-    tqdm.write(f"{desc}: about {_duration(total)} on {device} ({epochs} epochs x {steps_per_epoch} steps at "
+    size = " / ".join(f"backbone.{f}=N" for f in SIZE_FIELDS if hasattr(cfg, f))
+    smaller = f"--set {size}, or --backbone" if size else "--backbone"
+    tqdm.write(f"{desc}: about {_duration(total)} on {device} ({cfg.epochs} epochs x {steps_per_epoch} steps at "
                f"{step_s * 1000:.0f} ms per step, validation not included). To shrink it: fewer epochs "
-               f"(--set backbone.epochs=N), a smaller network (--set backbone.depth=N / embed_dim=N, or "
-               f"--backbone), or a GPU (--device cuda).")
+               f"(--set backbone.epochs=N), a smaller network ({smaller}), or a GPU (--device cuda).")
