@@ -378,3 +378,17 @@ def test_msdnet_user_errors_exit_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_the_image_folder_default_is_the_measured_configuration():
+    """The MSDNet default for image folders is the network and recipe of the committed CIFAR-10 photo run that
+    measured it (results/data/cifar10-jpeg-msdnet-c16-e13-cpu), not the 300-epoch published configuration."""
+    import dataclasses
+    import json
+    from pathlib import Path
+    run = json.loads((Path(__file__).parents[1] / "results/data/cifar10-jpeg-msdnet-c16-e13-cpu/run.json").read_text())
+    measured = run["config"]["resolved_backbones"]["msdnet"]
+    default = dataclasses.asdict(MSDNetBackbone.default_config("imagefolder"))
+    assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in default.items()} == \
+        {k: v for k, v in measured.items() if k in default}
+    assert MSDNetBackbone.default_config("imagefolder") != MSDNetConfig()
