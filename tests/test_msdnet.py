@@ -1,10 +1,15 @@
 """MSDNet as a multi-exit backbone: published per-exit costs, the staged forward, BoostedNet's gradient
 rescaling, and the real early-exit runner on MSDNet equal to the simulation from its cached features."""
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.backbones import msdnet as msdnet_module
 from bench.backbones.base import BACKBONES, block_features, to_tensor, warmup_cosine_lr
 from bench.backbones.msdnet import MSDNet, MSDNetBackbone, MSDNetConfig, block_layout, msdnet_macs
 from bench.base.errors import UserError
@@ -174,7 +179,6 @@ def test_warmup_cosine_lr_hand_computed():
 def test_training_schedules_set_the_optimisers_learning_rate(monkeypatch, schedule):
     """The schedule MSDNet's training hands to the shared loop: cosine sets the rate before every step (warm-up
     included), step divides it by 10 at the milestone epochs."""
-    import bench.backbones.msdnet as msdnet_module
     seen = {}
 
     def fake_fit(model, opt, cfg, *args, before_step=None, after_epoch=None, **kwargs):
@@ -383,9 +387,6 @@ def test_msdnet_user_errors_exit_2(tmp_path, capsys, args, message):
 def test_the_image_folder_default_is_the_measured_configuration():
     """The MSDNet default for image folders is the network and recipe of the committed CIFAR-10 photo run that
     measured it (results/data/cifar10-jpeg-msdnet-c16-e13-cpu), not the 300-epoch published configuration."""
-    import dataclasses
-    import json
-    from pathlib import Path
     run = json.loads((Path(__file__).parents[1] / "results/data/cifar10-jpeg-msdnet-c16-e13-cpu/run.json").read_text())
     measured = run["config"]["resolved_backbones"]["msdnet"]
     default = dataclasses.asdict(MSDNetBackbone.default_config("imagefolder"))

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from bench.backbones import base
 from bench.backbones.base import BACKBONES, resolve_backbone
+from bench.backbones.msdnet import MSDNetBackbone
 from bench.backbones.vit import FINETUNE, ViTConfig, checkpoint_architecture
 from bench.base.errors import UserError
 from bench.base.hashing import file_sha256
@@ -121,7 +122,6 @@ def test_a_long_cpu_training_prints_its_estimate_and_how_to_shrink_it(monkeypatc
 
 
 def test_the_estimate_names_the_size_fields_of_the_backbone_it_trains(monkeypatch, capsys):
-    from bench.backbones.msdnet import MSDNetBackbone
     monkeypatch.setattr(base, "ESTIMATE_ABOVE_S", 0.0)
     cfg = MSDNetBackbone.configure("digits", {"n_blocks": 2, "channels": 4, "growth_rate": 2, "epochs": 1})
     x = torch.randint(0, 256, (400, 16, 16, 1), dtype=torch.uint8).numpy()

@@ -245,6 +245,19 @@ def warmup_cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def warmup_cosine_schedule(opt: torch.optim.Optimizer, cfg, n_train: int):
+    """The ``before_step`` hook of :func:`fit_epochs` that sets every parameter group's rate to
+    :func:`warmup_cosine_lr` of ``cfg.lr`` over ``cfg.epochs`` epochs of ``n_train`` images at ``cfg.batch_size``,
+    warming up over ``cfg.warmup_epochs``."""
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+
+    def set_lr(step: int) -> None:
+        for g in opt.param_groups:
+            g["lr"] = warmup_cosine_lr(step, total, warmup, cfg.lr)
+    return set_lr
+
+
 def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x: np.ndarray, train_y: np.ndarray,
                seed: int, device: str, desc: str, batch_loss, validate, before_step=None, after_epoch=None,
                channels_last: bool = False) -> tuple[torch.nn.Module, float, int, list[dict]]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, register_backbone, to_tensor,
-                                  warmup_cosine_lr)
+                                  warmup_cosine_schedule)
 from bench.base.errors import UserError
 from bench.base.fields import bounded, choice
 from bench.measure.flops import ExitMacs, fvcore_macs
@@ -388,12 +388,7 @@ class MSDNetBackbone(Backbone):
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         after_epoch = before_step = None
         if cfg.schedule == "cosine":
-            steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
-            total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-
-            def before_step(step: int) -> None:
-                for g in opt.param_groups:
-                    g["lr"] = warmup_cosine_lr(step, total, warmup, cfg.lr)
+            before_step = warmup_cosine_schedule(opt, cfg, len(train_x))
         else:
             milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.lr_milestones})
             after_epoch = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1).step

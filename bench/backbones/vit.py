@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, register_backbone, to_tensor,
-                                  warmup_cosine_lr)
+                                  warmup_cosine_schedule)
 from bench.base.errors import UserError
 from bench.base.fields import bounded, check_fields, choice
 from bench.base.hashing import file_sha256
@@ -206,19 +206,12 @@ class ViT(Backbone):
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
-        total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-
-        def set_lr(step: int) -> None:
-            for g in opt.param_groups:
-                g["lr"] = warmup_cosine_lr(step, total, warmup, cfg.lr)
-
         def validate() -> tuple[float, dict]:
             return (predict_logits(model, val_x, cfg, device).argmax(1).numpy() == val_y).mean().item(), {}
 
         return fit_epochs(model, opt, cfg, train_x, train_y, seed, device, desc,
                           lambda xb, yb: F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing),
-                          validate, before_step=set_lr)
+                          validate, before_step=warmup_cosine_schedule(opt, cfg, len(train_x)))
 
     @classmethod
     def stages(cls, model) -> "ViTStages":
