@@ -4,10 +4,11 @@ import dataclasses
 import pytest
 import torch
 
-from bench.backbones.base import augment_batch, block_features, to_tensor
+from bench.backbones.base import (apply_augmentation, augment_batch, block_features, epoch_draws,
+                                  to_tensor)
 from bench.backbones.vit import ViT, ViTConfig, head_logits
 from bench.pipeline import features as F
-from bench.pipeline.tasks import load_or_train_backbone
+from bench.pipeline.tasks import backbone_key, load_or_train_backbone
 from bench.pipeline.splits import make_splits
 from datasets import load_dataset
 
@@ -72,13 +73,14 @@ def test_feature_cache_detects_corruption_and_foreign_keys(tmp_path, digits, mon
     assert a["train"].shape == (3, len(digits.train_y), 32) and a["test"].shape == (3, len(digits.test_y), 32)
     b = F.load_or_compute_features(tmp_path, backbone, digits)
     assert len(calls) == 2 and torch.equal(a["test"], b["test"])  # 2 = train + test, computed once
-    path, meta = F.feature_paths(tmp_path, digits.name, backbone.key)
+    key = F.feature_key(backbone)
+    path, meta = F.feature_paths(tmp_path, digits.name, key)
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte
     path.write_bytes(bytes(raw))
     c = F.load_or_compute_features(tmp_path, backbone, digits)
     assert len(calls) == 4 and "sha256 mismatch" in caplog.text and torch.equal(c["test"], a["test"])
-    meta.write_text(meta.read_text().replace(backbone.key, "0" * len(backbone.key)))
+    meta.write_text(meta.read_text().replace(key, "0" * len(key)))
     F.load_or_compute_features(tmp_path, backbone, digits)
     assert len(calls) == 6 and "built for key" in caplog.text
 
@@ -99,3 +101,52 @@ def test_batched_augmentation_equals_the_per_image_crops(mode):
         want[flip] = want[flip].flip(-1)
     assert torch.equal(got, want)
     assert (got == -1.0).any()  # some crops reach into the padding
+
+
+@pytest.mark.parametrize("mode", ["none", "crop", "crop_flip"])
+def test_epoch_draws_are_the_step_by_step_draws(mode):
+    """One epoch's draws, made up front and moved once, are exactly the draws the loop made step by step (the
+    permutation, then dy, dx and flip per mini-batch), so a seed trains the same CPU weights as before."""
+    n, bs, side = 103, 25, 16
+    perm, draws = epoch_draws(n, bs, side, mode, torch.Generator().manual_seed(3), "cpu")
+    gen = torch.Generator().manual_seed(3)
+    assert torch.equal(perm, torch.randperm(n, generator=gen))
+    x = torch.randn(n, 3, side, side)
+    for i in range(0, n, bs):
+        xb = x[perm[i:i + bs]]
+        want = augment_batch(xb, mode, gen)  # the old loop's call, drawing from the generator
+        assert torch.equal(apply_augmentation(xb, tuple(d[i:i + bs] for d in draws)), want)
+    assert (len(draws) == 0) == (mode == "none")
+
+
+def test_training_is_bit_identical_for_a_seed(digits):
+    """Two CPU trainings with the same seed give bit-identical weights; another seed does not."""
+    cfg = dataclasses.replace(TINY, epochs=1, augment="crop_flip")
+    x, y = digits.train_x[:300], digits.train_y[:300]
+
+    def train(seed):
+        return ViT.train(cfg, x, y, x[:50], y[:50], 10, seed, "cpu")[0].state_dict()
+
+    a, b, c = train(0), train(0), train(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_exit_feature_norms_only_the_class_token(digits):
+    """The exit feature LayerNorms the CLS token alone: the same numbers as norming every token, then taking it."""
+    torch.manual_seed(0)
+    model = ViT.create(TINY, in_chans=1, num_classes=10).eval()
+    st = ViT.stages(model)
+    with torch.no_grad():
+        h = st.block(0, st.embed(to_tensor(digits.test_x[:64], 8)))
+        assert torch.allclose(st.exit_feature(0, h), model.norm(h)[:, 0], rtol=0, atol=1e-6)
+
+
+def test_cache_keys_name_the_device_type_and_precision(digits):
+    """A checkpoint trained under CUDA's bf16 autocast, or features computed with TF32, are not a CPU run's."""
+    splits = make_splits(digits.train_y, len(digits.test_y), 0)
+    keys = {d: backbone_key(ViT, TINY, digits.name, splits.sha256, 0, digits.source, d) for d in ("cpu", "cuda",
+                                                                                                 "cuda:1")}
+    assert keys["cpu"] != keys["cuda"] and keys["cuda"] == keys["cuda:1"]  # the type, not the card's index
+    trained = dataclasses.make_dataclass("B", ["key"])(keys["cpu"])
+    assert F.feature_key(trained, "cpu") != F.feature_key(trained, "cuda")

@@ -59,12 +59,13 @@ def test_a_planted_checkpoint_is_never_executed(tmp_path, digits, caplog):
 def test_a_planted_feature_cache_is_never_executed(tmp_path, digits, caplog):
     splits = make_splits(digits.train_y, len(digits.test_y), 0)
     backbone = load_or_train_backbone(tmp_path, ViT, TINY, digits, splits)
-    path, meta = F.feature_paths(tmp_path, digits.name, backbone.key)
+    key = F.feature_key(backbone)
+    path, meta = F.feature_paths(tmp_path, digits.name, key)
     marker = tmp_path / "PWNED"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"train": Planted(marker), "test": Planted(marker)}, path)
     # a consistent sidecar: the sha256 check passes, so only the safe loader stands in the way
-    meta.write_text(json.dumps({"key": backbone.key, "sha256": file_sha256(path)}))
+    meta.write_text(json.dumps({"key": key, "sha256": file_sha256(path)}))
     feats = F.load_or_compute_features(tmp_path, backbone, digits)
     assert not marker.exists() and "unusable" in caplog.text
     assert feats["test"].shape == (3, len(digits.test_y), 32)

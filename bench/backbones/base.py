@@ -183,26 +183,52 @@ def to_tensor(x_uint8: np.ndarray | torch.Tensor, img_size: int, device: str | t
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 
 
-def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """Random crop after padding by 1/8 of the side (and a horizontal flip for ``crop_flip``), batched."""
+def augment_draws(n: int, side: int, mode: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The random draws of ``augment_batch`` for ``n`` images of ``side`` pixels, on the CPU generator (so a seed
+    gives the same crops on every device): (dy [n], dx [n], flip [n] bool); empty tuple for ``none``."""
     if mode == "none":
-        return x
+        return ()
     if mode not in AUGMENTATIONS:
         raise UserError(f"Unknown augmentation {mode!r}; use none, crop or crop_flip.")
+    pad = max(1, side // 8)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5 if mode == "crop_flip" else torch.zeros(n, dtype=torch.bool)
+    return dy, dx, flip
+
+
+def apply_augmentation(x: torch.Tensor, draws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Random crop after padding by 1/8 of the side, and a horizontal flip where ``flip`` is set, batched, from
+    draws (``augment_draws``) already on x's device: no host synchronisation."""
+    if not draws:
+        return x
+    dy, dx, flip = draws
     n, _, h, w = x.shape
     pad = max(1, h // 8)
     xp = F.pad(x, (pad, pad, pad, pad), mode="constant", value=-1.0)
-    # the draws come from the CPU generator on every device, so a seed gives the same crops on CPU and CUDA
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
     # every crop at once (no per-image Python loop): the windows are a view [N, C, 2p+1, 2p+1, H, W], indexed
     # per image; the same draws give the same crops as slicing image by image
     windows = xp.unfold(2, h, 1).unfold(3, w, 1)
     out = windows[torch.arange(n, device=x.device), :, dy, dx]
-    if mode == "crop_flip":
-        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
-        out[flip] = out[flip].flip(-1)
-    return out
+    return torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)  # no boolean-mask indexing (a host sync)
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop after padding by 1/8 of the side (and a horizontal flip for ``crop_flip``), batched; the draws
+    from the CPU generator ``gen``."""
+    draws = augment_draws(x.shape[0], x.shape[-2], mode, gen)
+    return apply_augmentation(x, tuple(d.to(x.device) for d in draws))
+
+
+def epoch_draws(n: int, batch_size: int, side: int, mode: str, gen: torch.Generator, device
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One epoch's random draws, made on the CPU generator in the order the loop once made them step by step (the
+    permutation, then per mini-batch dy, dx and flip), so a seed gives bit-identical CPU weights as before, and
+    moved to ``device`` once: (perm [n], draws as ``augment_draws`` gives them, for all n positions)."""
+    perm = torch.randperm(n, generator=gen)
+    parts = [augment_draws(min(batch_size, n - i), side, mode, gen) for i in range(0, n, batch_size)]
+    draws = tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))) if parts and parts[0] else ()
+    return perm.to(device), tuple(d.to(device) for d in draws)
 
 
 @torch.no_grad()
@@ -225,6 +251,23 @@ def use_fast_cuda(device: str | torch.device) -> bool:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     return True
+
+
+def arithmetic(device: str | torch.device, training: bool) -> dict[str, str]:
+    """The device type and precision a network is trained or its features computed in (both join the cache
+    keys: a bf16 GPU checkpoint or TF32 GPU features are never silently reused by a CPU run, nor the reverse).
+    On CUDA training runs under bf16 autocast with TF32 matmuls and features in fp32 with TF32
+    (``use_fast_cuda``); on CPU both are plain fp32."""
+    kind = torch.device(device).type
+    if kind != "cuda":
+        return {"device_type": kind, "precision": "fp32"}
+    return {"device_type": kind, "precision": "bf16-autocast+tf32" if training else "fp32+tf32"}
+
+
+def fused_optimizer(device: str | torch.device) -> dict[str, bool]:
+    """Keyword arguments of SGD / AdamW: the fused (one kernel per step) implementation on CUDA; the default
+    elsewhere (the CPU arithmetic stays as it was)."""
+    return {"fused": True} if str(device).startswith("cuda") else {}
 
 
 # a CPU training whose estimated time exceeds this many seconds prints the estimate and how to shrink it
@@ -289,12 +332,12 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
     bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         model.train()
-        perm = torch.randperm(len(train_x), generator=gen)
+        perm, draws = epoch_draws(len(train_x), cfg.batch_size, cfg.img_size, cfg.augment, gen, x_all.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(0, len(perm), cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            idx_dev = idx.to(device) if cuda else idx
-            xb = augment_batch(to_tensor(x_all[idx_dev], cfg.img_size), cfg.augment, gen)
+            idx_dev = perm[i:i + cfg.batch_size]
+            xb = apply_augmentation(to_tensor(x_all[idx_dev], cfg.img_size),
+                                    tuple(d[i:i + cfg.batch_size] for d in draws))
             if cuda and channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             if before_step is not None:
@@ -306,7 +349,7 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
-            loss_sum += loss.detach().double() * len(idx)
+            loss_sum += loss.detach().double() * len(idx_dev)
             step += 1
             if step == 1:
                 t_first = time.perf_counter()

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, register_backbone, to_tensor,
-                                  warmup_cosine_schedule)
+from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, fused_optimizer, register_backbone,
+                                  to_tensor, warmup_cosine_schedule)
 from bench.base.errors import UserError
 from bench.base.fields import bounded, choice
 from bench.measure.flops import ExitMacs, fvcore_macs
@@ -385,7 +385,8 @@ class MSDNetBackbone(Backbone):
         validation accuracy of ``prediction`` (the last exit)."""
         torch.manual_seed(seed)
         model = cls.create(cfg, train_x.shape[-1], num_classes).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              **fused_optimizer(device))
         after_epoch = before_step = None
         if cfg.schedule == "cosine":
             before_step = warmup_cosine_schedule(opt, cfg, len(train_x))

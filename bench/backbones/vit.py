@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, register_backbone, to_tensor,
-                                  warmup_cosine_schedule)
+from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, fused_optimizer, register_backbone,
+                                  to_tensor, warmup_cosine_schedule)
 from bench.base.errors import UserError
 from bench.base.fields import bounded, check_fields, choice
 from bench.base.hashing import file_sha256
@@ -202,10 +202,12 @@ class ViT(Backbone):
         the epoch with the best validation accuracy."""
         torch.manual_seed(seed)
         model = cls.create(cfg, in_chans=train_x.shape[-1], num_classes=num_classes).to(device)
+        fused = fused_optimizer(device)
         if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
+                                  **fused)
         else:
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         def validate() -> tuple[float, dict]:
             return (predict_logits(model, val_x, cfg, device).argmax(1).numpy() == val_y).mean().item(), {}
 
@@ -316,8 +318,9 @@ def embed(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def exit_feature(model, h: torch.Tensor) -> torch.Tensor:
-    """Tokens [N, T, D] after a block -> the exit feature [N, D]: CLS token after the final LayerNorm."""
-    return model.norm(h)[:, 0]
+    """Tokens [N, T, D] after a block -> the exit feature [N, D]: CLS token after the final LayerNorm (normed
+    alone: LayerNorm works per token, so the other T-1 tokens' norms would be thrown away)."""
+    return model.norm(h[:, 0])
 
 
 def head_logits(model, feat: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench.backbones.base import Stages, TrainedBackbone, block_features, to_tensor, use_fast_cuda
-from bench.base.hashing import atomic_write, atomic_write_text, file_sha256
+from bench.backbones.base import Stages, TrainedBackbone, arithmetic, block_features, to_tensor, use_fast_cuda
+from bench.base.hashing import atomic_write, atomic_write_text, config_hash, file_sha256
 from bench.base.locks import exclusive
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,16 @@ def load_cached(path: Path, meta_path: Path, key: str) -> dict[str, torch.Tensor
         return None
 
 
+def feature_key(backbone: TrainedBackbone, device: str = "cpu") -> str:
+    """The features are a function of the trained weights, the data and the arithmetic they were computed in
+    (device type and precision: TF32 GPU features are not a CPU run's)."""
+    return config_hash({"backbone": backbone.key, **arithmetic(device, training=False)})
+
+
 def load_or_compute_features(cache_dir: Path, backbone: TrainedBackbone, dataset, device: str = "cpu"
                              ) -> dict[str, torch.Tensor]:
     """{"train": [K, N_train, D], "test": [K, N_test, D]} for the dataset's full train and test arrays."""
-    key = backbone.key  # the features are a pure function of the trained weights and the data
+    key = feature_key(backbone, device)
     path, meta_path = feature_paths(cache_dir, dataset.name, key)
     data = load_cached(path, meta_path, key)
     if data is not None:

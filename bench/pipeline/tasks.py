@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench.backbones.base import BACKBONES, Backbone, TrainedBackbone
+from bench.backbones.base import BACKBONES, Backbone, TrainedBackbone, arithmetic
 from bench.base.hashing import atomic_write, config_hash
 from bench.base.locks import exclusive
 from bench.core.task import SplitData, Task
@@ -26,10 +26,11 @@ from datasets import ImageDataset, load_dataset
 log = logging.getLogger(__name__)
 
 
-def backbone_key(plugin: type[Backbone], cfg, dataset: str, split_sha: str, seed: int, data_source: str) -> str:
+def backbone_key(plugin: type[Backbone], cfg, dataset: str, split_sha: str, seed: int, data_source: str,
+                 device: str | torch.device = "cpu") -> str:
     return config_hash({"backbone": dataclasses.asdict(cfg), "plugin": plugin.name, "dataset": dataset,
                         "split": split_sha, "seed": seed, "data": data_source,
-                        "torch": torch.__version__.split("+")[0], "v": 2})
+                        "torch": torch.__version__.split("+")[0], **arithmetic(device, training=True), "v": 2})
 
 
 def load_or_train_backbone(cache_dir: Path, plugin: type[Backbone], cfg, dataset: ImageDataset, splits: Splits,
@@ -37,7 +38,7 @@ def load_or_train_backbone(cache_dir: Path, plugin: type[Backbone], cfg, dataset
     """The backbone for (dataset, split, seed, config): from the checkpoint cache when a valid one exists,
     otherwise trained and saved. A checkpoint that fails to load safely or was made by another config is
     rebuilt, with a warning."""
-    key = backbone_key(plugin, cfg, dataset.name, splits.sha256, splits.seed, dataset.source)
+    key = backbone_key(plugin, cfg, dataset.name, splits.sha256, splits.seed, dataset.source, device)
     path = Path(cache_dir) / "backbones" / f"{dataset.name}-{plugin.name}-{key}.pt"
     cached = _load_checkpoint(path, plugin, cfg, key, dataset, device)
     if cached is not None:
