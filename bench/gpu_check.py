@@ -64,8 +64,8 @@ from bench.cli import main as bench_main  # noqa: E402
 from bench.core.interface import METHODS, create_method, resolve_points  # noqa: E402
 from bench.pipeline.config import RunConfig  # noqa: E402
 from bench.pipeline.features import compute_features  # noqa: E402
-from bench.pipeline.runner import (compare_with_simulation, stage_inputs, static_timing,  # noqa: E402
-                                   timing_metrics)
+from bench.pipeline.runner import compare_with_simulation  # noqa: E402
+from bench.pipeline.timing import stage_inputs, static_timing, timing_metrics  # noqa: E402
 from bench.pipeline.splits import Splits  # noqa: E402
 from bench.pipeline.tasks import build_task, load_task  # noqa: E402
 from bench.results.summary import summary_table, timing_table  # noqa: E402

@@ -16,7 +16,7 @@ from bench.base.errors import UserError
 from bench.core.interface import METHODS, create_method, resolve_points
 from bench.measure.flops import fvcore_macs
 from bench.pipeline.config import RunConfig
-from bench.pipeline.runner import timing_metrics
+from bench.pipeline.timing import timing_metrics
 from bench.pipeline.tasks import load_task
 from methods.boostednet import (BoostedMSDNet, BoostedMSDNetConfig, GradRescale, boosted_ensemble,
                                 rescaled_exit_logits)

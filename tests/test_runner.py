@@ -12,9 +12,10 @@ from bench.backbones.base import to_tensor
 from bench.backbones.vit import ViT, ViTConfig
 from bench.core.interface import METHODS, create_method, resolve_points
 from bench.pipeline.config import RunConfig
-from bench.pipeline import runner
+from bench.pipeline import timing
 from bench.pipeline.runner import (CPU_LOGIT_TOLERANCE, compare_with_simulation, method_on_device, run_early_exit,
-                                   stage_inputs, static_timing, streams_on_device, time_call, timing_metrics)
+                                   streams_on_device)
+from bench.pipeline.timing import stage_inputs, static_timing, time_call, timing_metrics
 from bench.pipeline.tasks import load_task
 from tests._early_exit_check import assert_real_equals_simulated
 
@@ -96,7 +97,7 @@ def test_staged_inputs_are_the_whole_split_or_whole_batches_within_the_memory_ca
     assert x.shape == (len(ds.test_x), 1, 8, 8)
     assert torch.equal(x, to_tensor(ds.test_x, TINY.img_size))
     per_image = 1 * 8 * 8 * 4  # float32 bytes
-    monkeypatch.setattr(runner, "STAGE_BYTES", 250 * per_image)
+    monkeypatch.setattr(timing, "STAGE_BYTES", 250 * per_image)
     assert len(stage_inputs(ds.test_x, TINY.img_size, "cpu", 100)) == 200  # whole batches only
     assert len(stage_inputs(ds.test_x, TINY.img_size, "cpu", 300)) == 300  # at least one batch
     assert len(stage_inputs(ds.test_x, TINY.img_size, "cpu", 100, n_min=230)) == 230

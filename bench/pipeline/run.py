@@ -24,7 +24,7 @@ from bench.core.interface import create_method, resolve_points
 from bench.pipeline.config import RunConfig, resolve_device, validate
 from bench.pipeline.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.pipeline.executors import run_jobs
-from bench.pipeline.runner import stage_inputs, static_timing, timing_metrics
+from bench.pipeline.timing import stage_inputs, static_timing, timing_metrics
 from bench.pipeline.tasks import LoadedTask, cache_dir_of, load_task
 from bench.results.files import decisions_frame, metrics_frame, provenance, source_state, write_csv, write_json
 from bench.results.summary import summary_table
@@ -74,7 +74,7 @@ def timing_params(loaded: LoadedTask, cfg: RunConfig) -> dict:
 
 def _timed_inputs(loaded: LoadedTask, cfg: RunConfig):
     """The backbone on the run's device (TF32 on CUDA, as the feature cache was computed) and the test images
-    staged there once for every point (``runner.stage_inputs``)."""
+    staged there once for every point (``timing.stage_inputs``)."""
     use_fast_cuda(cfg.device)
     backbone = loaded.backbone
     backbone.model.to(cfg.device).eval()

@@ -20,7 +20,8 @@ from bench.core.interface import create_method, resolve_points
 from bench.core.task import synthetic_task
 from bench.pipeline.evaluate import evaluate_method
 from bench.pipeline.features import compute_features
-from bench.pipeline.runner import run_early_exit, time_call
+from bench.pipeline.runner import run_early_exit
+from bench.pipeline.timing import time_call
 from bench.pipeline.splits import Splits
 from datasets import ImageDataset
 
