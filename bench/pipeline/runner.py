@@ -38,6 +38,13 @@ class EarlyExitResult:
     exits: np.ndarray  # [N] (a device tensor with ``to_cpu=False``)
     logits: torch.Tensor  # [N, C] logits of the exit each sample left from (float32; CPU unless ``to_cpu=False``)
     block_rows: list[int] = field(default_factory=list)  # rows that entered each block, summed over batches
+    host_syncs: int = 0  # host reads of device values and device-to-host copies inside the block loop
+    block_calls: int = 0  # (batch, block) pairs run
+
+    @property
+    def host_syncs_per_block(self) -> float:
+        """Host synchronisations per block run (the contract: at most 1, the survivors' count)."""
+        return self.host_syncs / max(1, self.block_calls)
 
 
 def streams_on_device(method: ExitMethod) -> bool:
