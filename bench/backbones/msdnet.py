@@ -34,7 +34,7 @@ from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, fu
                                   to_tensor, warmup_cosine_schedule)
 from bench.base.errors import UserError
 from bench.base.fields import bounded, choice
-from bench.measure.flops import ExitMacs, fvcore_macs
+from bench.measure.flops import FVCORE, TORCH, ExitMacs, fvcore_available, fvcore_macs, torch_macs
 
 
 @dataclass
@@ -411,10 +411,25 @@ class MSDNetBackbone(Backbone):
 
     @classmethod
     def macs(cls, model: MSDNet) -> ExitMacs:
-        """fvcore on every part (``msdnet_macs``); each classifier's convs are its exit's feature cost."""
-        m = msdnet_macs(model)
+        """fvcore on every part (``msdnet_macs``); each classifier's convs are its exit's feature cost. Where fvcore
+        is not installed (a lent GPU machine), torch's counter on the same parts (``torch_macs``: convolutions and
+        linear layers, FLOPs / 2; equal to fvcore's count, tested). ``macs_counter`` says which."""
+        if fvcore_available():
+            m, counter = msdnet_macs(model), FVCORE
+        else:  # msdnet_macs's parts, counted by torch_macs
+            x = torch.zeros(1, model.stem.convs[0][0].in_channels, model.cfg.img_size, model.cfg.img_size)
+            with torch.no_grad():
+                stem, xs = torch_macs(model.embed, x), model.embed(x)
+                blocks, feats, linears = [], [], []
+                for k in range(model.num_exits):
+                    blocks.append(torch_macs(_BlockCall(model, k), tuple(xs)))
+                    xs = model.block(k, xs)
+                    feats.append(torch_macs(model.classifiers[k].features, xs[-1]))
+                    lin = model.classifiers[k].linear
+                    linears.append(lin.in_features * lin.out_features)
+            m, counter = MSDNetExitMacs(stem, tuple(blocks), tuple(feats), tuple(linears)), TORCH
         return ExitMacs(embed=m.stem, blocks=m.blocks, head=m.classifier_features[-1] + m.classifier_linear[-1],
-                        exit_features=m.classifier_features[:-1])
+                        exit_features=m.classifier_features[:-1], macs_counter=counter)
 
     @classmethod
     def heads(cls, model: MSDNet) -> Heads:

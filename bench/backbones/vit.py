@@ -35,7 +35,7 @@ from bench.base.errors import UserError
 from bench.base.fields import bounded, check_fields, choice
 from bench.base.hashing import file_sha256
 from bench.base.registry import unknown_name_message
-from bench.measure.flops import ExitMacs, analytic_vit_macs, fvcore_vit_macs
+from bench.measure.flops import ExitMacs, analytic_vit_macs, fvcore_available, fvcore_vit_macs
 
 # timm model families with the ViT block structure this plugin drives (patch_embed, _pos_embed, blocks, norm)
 VIT_FAMILIES = ("vit_", "deit_", "deit3_")
@@ -221,8 +221,13 @@ class ViT(Backbone):
 
     @classmethod
     def macs(cls, model) -> ExitMacs:
-        """Per-block MACs from fvcore (attention included), checked against the analytic count (the arbiter)."""
-        counted, analytic = fvcore_vit_macs(model), analytic_vit_macs(model)
+        """Per-block MACs from fvcore (attention included), checked against the analytic count (the arbiter);
+        where fvcore is not installed (a lent GPU machine), the analytic count itself. ``macs_counter`` says
+        which: ``fvcore+attention-handle`` or ``analytic``."""
+        analytic = analytic_vit_macs(model)
+        if not fvcore_available():
+            return analytic
+        counted = fvcore_vit_macs(model)
         if abs(counted.static - analytic.static) > 0.01 * analytic.static:
             raise RuntimeError(f"fvcore ({counted.static}) and analytic ({analytic.static}) MACs differ by > 1 %")
         return counted

@@ -22,7 +22,8 @@ same set.
 Three counters
 --------------
 :func:`analytic_vit_macs`
-    Closed form from the hyper-parameters read off the module itself.  This is **the arbiter**.
+    Closed form from the hyper-parameters read off the module itself.  This is **the arbiter**, and the count
+    a ViT run uses where fvcore is not installed (a lent GPU machine has torch and timm but no fvcore).
 :func:`fvcore_vit_macs`
     ``fvcore.nn.FlopCountAnalysis`` configured to count exactly the set above: a handle for
     ``aten::scaled_dot_product_attention`` (fvcore has none and would otherwise skip fused attention, only
@@ -34,6 +35,12 @@ Three counters
     CUDA kernels are registered), so attention would silently count 0.  We therefore (a) switch timm's
     fused attention off for the duration (``fused_attn = False`` on every module that has the flag, so the
     explicit ``q @ k^T`` / ``attn @ v`` matmuls run), and (b) register the CPU kernel anyway.
+    :func:`torch_macs` is the same counter on any module or callable (``fvcore_macs``'s contract): MSDNet's
+    count where fvcore is not installed.
+
+Each :class:`ExitMacs` names the counter that produced it (``macs_counter``: ``"analytic"``,
+``"fvcore+attention-handle"``, ``"torch.flop_counter"``; not part of equality), so a run can record which one
+it used.  :func:`fvcore_available` says whether fvcore can be imported here.
 
 Pitfalls handled
 ----------------
@@ -55,7 +62,7 @@ import contextlib
 import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -64,11 +71,14 @@ from torch import nn
 
 __all__ = [
     "ExitMacs",
+    "MACS_COUNTERS",
     "analytic_vit_macs",
+    "fvcore_available",
     "fvcore_vit_macs",
     "torch_vit_macs",
     "linear_macs",
     "fvcore_macs",
+    "torch_macs",
     "attention_macs",
     "fused_attention",
     "FVCORE_IGNORED_OPS",
@@ -85,6 +95,8 @@ class ExitMacs:
     # MACs to turn block k's output into exit k's feature, for the intermediate exits k < K-1 (empty: free, as
     # the ViT's CLS token after the final LayerNorm). MSDNet: each classifier's convs. Not part of ``static``.
     exit_features: tuple[int, ...] = ()
+    # which counter produced the figures (``MACS_COUNTERS``); a label, not a figure: equal counts compare equal
+    macs_counter: str = field(default="", compare=False)
 
     @property
     def static(self) -> int:
@@ -94,6 +106,11 @@ class ExitMacs:
     def cumulative_blocks(self) -> np.ndarray:
         """int64 ``[depth]``: ``embed + sum(blocks[:k+1])`` for ``k = 0..depth-1`` (exit heads excluded)."""
         return self.embed + np.cumsum(np.asarray(self.blocks, dtype=np.int64), dtype=np.int64)
+
+
+#: the ``macs_counter`` labels: the closed form; fvcore with the attention handle of this module; torch's counter
+ANALYTIC, FVCORE, TORCH = "analytic", "fvcore+attention-handle", "torch.flop_counter"
+MACS_COUNTERS = (ANALYTIC, FVCORE, TORCH)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -187,7 +204,7 @@ def analytic_vit_macs(model: nn.Module) -> ExitMacs:
     if getattr(model.patch_embed, "num_patches", grid[0] * grid[1]) != grid[0] * grid[1]:
         raise ValueError(f"patch_embed.num_patches={model.patch_embed.num_patches} but conv grid is {grid}")
     blocks = tuple(_block_macs(b, n_tokens) for b in model.blocks)
-    return ExitMacs(embed=int(embed), blocks=blocks, head=_head_macs(model.head))
+    return ExitMacs(embed=int(embed), blocks=blocks, head=_head_macs(model.head), macs_counter=ANALYTIC)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -291,6 +308,15 @@ _MAC_LIKE = ("attention", "matmul", "bmm", "baddbmm", "addmm", "mm", "conv", "li
 _SDPA = "aten::scaled_dot_product_attention"
 
 
+def fvcore_available() -> bool:
+    """Whether fvcore imports here (not cached: a test may block it for a while)."""
+    try:
+        _import_fvcore()
+    except Exception:  # noqa: BLE001  (not installed, a broken dependency such as iopath, or blocked)
+        return False
+    return True
+
+
 def _import_fvcore():
     with warnings.catch_warnings():  # importing fvcore calls the deprecated torch.jit.script
         warnings.simplefilter("ignore", FutureWarning)
@@ -382,6 +408,7 @@ def _split(model: nn.Module, per_module: dict[str, int], total: int, tool: str) 
         embed=int(per_module.get("patch_embed", 0)),
         blocks=tuple(int(per_module.get(f"blocks.{i}", 0)) for i in range(depth)),
         head=int(per_module.get("head", 0)),
+        macs_counter=tool,
     )
     if out.static != int(total):
         outside = int(total) - out.static
@@ -399,7 +426,7 @@ def fvcore_vit_macs(model: nn.Module, *, sdpa_handle: bool = True, fused_attn: b
     """
     with _counting_state(model, fused_attn):
         fca = _fvcore_analysis(model, (_example_input(model),), sdpa_handle)
-        return _split(model, dict(fca.by_module()), fca.total(), "fvcore")
+        return _split(model, dict(fca.by_module()), fca.total(), FVCORE if sdpa_handle else "fvcore")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -445,4 +472,25 @@ def torch_vit_macs(model: nn.Module, *, unfuse_attention: bool = True) -> ExitMa
         assert f % 2 == 0, (name, f)
         per_module[name] = f // 2
     assert total % 2 == 0, total
-    return _split(model, per_module, total // 2, "torch.utils.flop_counter")
+    return _split(model, per_module, total // 2, TORCH)
+
+
+def torch_macs(fn_or_module: Callable[..., Any] | nn.Module, inputs: Any) -> int:
+    """Total per-call MACs of a module or plain callable by ``FlopCounterMode`` (FLOPs / 2): ``fvcore_macs``'s
+    contract (inputs a tensor or a tuple; the modules found are put in eval mode / no_grad and their flags
+    restored) without fvcore, e.g. MSDNet's parts where fvcore is not installed. Every op the callable runs is
+    counted (nothing is traced, so no output can be dropped); timm's fused attention is switched off for the
+    call so its matmuls are counted, and the CPU sdpa kernel is registered. It counts convolutions and matrix
+    products as fvcore's handles here do, so the two agree on convolutional networks (tested on MSDNet)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    with contextlib.ExitStack() as stack:
+        for m in _modules_of(fn_or_module):
+            stack.enter_context(_counting_state(m, False))
+        counter = FlopCounterMode(display=False, custom_mapping=_torch_custom_mapping())
+        with torch.no_grad(), counter:
+            fn_or_module(*inputs)
+    total = counter.get_total_flops()
+    assert total % 2 == 0, total
+    return int(total // 2)
