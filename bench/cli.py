@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timing", action="store_true",
                    help="time real early exit on test: latency_ms (batch 1), throughput and wall_rel per budget")
     r.add_argument("--timing-batch", type=int, default=256, help="batch size of the throughput timing (256)")
+    r.add_argument("--timing-dtype", default="fp32", metavar="fp32|bf16",
+                   help="dtype of the timed passes, early exit and static alike: fp32 (default) or bf16 (bfloat16 "
+                        "autocast); recorded in the timing rows")
     r.add_argument("--executor", default="sequential", help="sequential (default), local (process pool) or dask")
     r.add_argument("--workers", type=int, default=2, help="processes of the local executor (default 2)")
     r.add_argument("--scheduler", default=None, help="Dask scheduler address for --executor dask, tcp://HOST:PORT")
@@ -114,7 +117,8 @@ def cmd_run(args) -> int:
                     budgets=args.budgets or list(DEFAULT_BUDGETS), overrides=parse_set(args.overrides),
                     pretrained=args.pretrained, device=args.device, threads=args.threads,
                     data_dir=args.data_dir, cache_dir=args.cache_dir, out=args.out, download=args.download,
-                    timing=args.timing, timing_batch=args.timing_batch, executor=args.executor,
+                    timing=args.timing, timing_batch=args.timing_batch, timing_dtype=args.timing_dtype,
+                    executor=args.executor,
                     workers=args.workers, scheduler=args.scheduler, retries=args.retries, argv=args.argv)
     execute(cfg)
     return 0

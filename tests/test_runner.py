@@ -1,7 +1,6 @@
 """The real early-exit runner equals the simulation from cached features, for every deployable method, and
-never runs an exited sample through a later block; score rules decide on the model's device; the timings measure
-what their rows say (n = images timed). The CUDA tests skip without a GPU (``python -m bench.gpu_check`` runs
-them on one)."""
+never runs an exited sample through a later block; score rules decide on the model's device (the timings:
+tests/test_timing.py). The CUDA tests skip without a GPU (``python -m bench.gpu_check`` runs them on one)."""
 import dataclasses
 
 import numpy as np
@@ -12,10 +11,8 @@ from bench.backbones.base import to_tensor
 from bench.backbones.vit import ViT, ViTConfig
 from bench.core.interface import METHODS, create_method, resolve_points
 from bench.pipeline.config import RunConfig
-from bench.pipeline import timing
 from bench.pipeline.runner import (CPU_LOGIT_TOLERANCE, compare_with_simulation, method_on_device, run_early_exit,
                                    streams_on_device)
-from bench.pipeline.timing import stage_inputs, static_timing, time_call, timing_metrics
 from bench.pipeline.tasks import load_task
 from tests._early_exit_check import assert_real_equals_simulated
 
@@ -74,41 +71,6 @@ def test_budget_one_runs_every_block_and_small_budget_saves_blocks(setup):
     assert sum(r_high.block_rows) >= sum(r_low.block_rows)
 
 
-def test_timing_metrics_are_sane(setup):
-    ds, backbone, task = setup
-    method = create_method("threshold").fit(task)
-    point = resolve_points(method, task, [0.5])[0]
-    assert point.budget == 0.5 and not point.infeasible
-    t = timing_metrics(backbone.stages(), method, point, ds.test_x, TINY.img_size, batch_size=128, n_latency=4,
-                       repeats=2)
-    assert set(t) == {"latency_ms", "latency_ms_p90", "throughput", "wall_rel"}
-    assert 0 < t["latency_ms"] <= t["latency_ms_p90"] and t["throughput"] > 0 and t["wall_rel"] > 0
-    # throughput and wall_rel over the whole test split (not its first batch), latency over the 4 images timed
-    assert t.n == {"throughput": len(ds.test_x), "wall_rel": len(ds.test_x), "latency_ms": 4, "latency_ms_p90": 4}
-    s = static_timing(backbone.stages(), ds.test_x, TINY.img_size, batch_size=128, n_latency=3, repeats=2)
-    assert set(s) == {"latency_ms", "latency_ms_p90", "throughput"}
-    assert 0 < s["latency_ms"] <= s["latency_ms_p90"] and s["throughput"] > 0
-    assert s.n == {"throughput": len(ds.test_x), "latency_ms": 3, "latency_ms_p90": 3}
-
-
-def test_staged_inputs_are_the_whole_split_or_whole_batches_within_the_memory_cap(setup, monkeypatch):
-    ds, _, _ = setup
-    x = stage_inputs(ds.test_x, TINY.img_size, "cpu", 100)
-    assert x.shape == (len(ds.test_x), 1, 8, 8)
-    assert torch.equal(x, to_tensor(ds.test_x, TINY.img_size))
-    per_image = 1 * 8 * 8 * 4  # float32 bytes
-    monkeypatch.setattr(timing, "STAGE_BYTES", 250 * per_image)
-    assert len(stage_inputs(ds.test_x, TINY.img_size, "cpu", 100)) == 200  # whole batches only
-    assert len(stage_inputs(ds.test_x, TINY.img_size, "cpu", 300)) == 300  # at least one batch
-    assert len(stage_inputs(ds.test_x, TINY.img_size, "cpu", 100, n_min=230)) == 230
-
-
-def test_time_call_runs_warmup_then_the_timed_repeats():
-    calls = []
-    times = time_call(lambda: calls.append(1), "cpu", repeats=3, warmup=2)
-    assert len(calls) == 5 and times.shape == (3,) and (times >= 0).all()
-
-
 def test_score_rules_decide_on_the_device_and_the_others_on_the_host(setup):
     _, _, task = setup
     on_device = {name for name in DEPLOYABLE if streams_on_device(create_method(name))}
@@ -160,18 +122,6 @@ def test_real_runner_on_cuda_agrees_with_the_simulation(cuda_setup, name):
         assert r["max_logit_diff"] < 0.1, r  # a wrong head or row would be off by whole units
     assert real.logits.device.type == "cpu" and real.block_rows[0] == len(ds.test_x)
     assert real.block_rows == [int((real.exits >= k).sum()) for k in range(TINY.depth)]
-
-
-@CUDA
-def test_cuda_timing_is_positive_and_counts_the_images(cuda_setup):
-    ds, backbone, task = cuda_setup
-    method = create_method("threshold").fit(task)
-    point = resolve_points(method, task, [0.5])[0]
-    backbone.model.cuda()
-    t = timing_metrics(backbone.stages(), method, point, ds.test_x, TINY.img_size, "cuda", 128, 4, 2)
-    s = static_timing(backbone.stages(), ds.test_x, TINY.img_size, "cuda", 128, 4, 2)
-    assert t["throughput"] > 0 and t["wall_rel"] > 0 and 0 < t["latency_ms"] <= t["latency_ms_p90"]
-    assert s["throughput"] > 0 and t.n["throughput"] == s.n["throughput"] == len(ds.test_x)
 
 
 def test_bounds_cannot_run_for_real(setup):

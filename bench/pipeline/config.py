@@ -26,6 +26,7 @@ from bench.base.hashing import config_hash
 from bench.base.registry import unknown_name_message
 from bench.core.interface import METHODS, create_method
 from bench.pipeline.executors import EXECUTORS
+from bench.pipeline.timing import TIMING_DTYPES
 from datasets import list_datasets
 
 DEFAULT_BUDGETS = (0.25, 0.5, 0.75, 1.0)
@@ -63,6 +64,7 @@ class RunConfig:
     download: bool = True
     timing: bool = False  # time real early exit on test (latency, throughput, wall_rel) per budget
     timing_batch: int = 256
+    timing_dtype: str = "fp32"  # fp32 | bf16: the timed passes in plain fp32 or under bfloat16 autocast
     executor: str = "sequential"  # sequential | local (process pool) | dask
     workers: int = 2  # local executor's processes
     scheduler: str | None = None  # dask scheduler address, tcp://HOST:PORT
@@ -137,7 +139,9 @@ class RunConfig:
         return {"methods": self.methods, "dataset": self.dataset, "seeds": self.seeds, "budgets": self.budgets,
                 "backbones": {n: dataclasses.asdict(self.backbone_config(n)) for n in self.networks()},
                 "method_params": {m: create_method(m, self.method_overrides(m)).params() for m in self.methods},
-                "device": self.device}
+                "device": self.device,
+                # only when not the default, so the run ids of fp32 runs stay what they were
+                **({"timing_dtype": self.timing_dtype} if self.timing_dtype != "fp32" else {})}
 
     @property
     def run_id(self) -> str:
@@ -183,6 +187,16 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--workers {cfg.workers} / --retries {cfg.retries}: workers must be >= 1, retries >= 0.")
     if cfg.timing_batch < 1:
         raise UserError(f"--timing-batch {cfg.timing_batch}: give a positive batch size.")
+    if cfg.timing_dtype not in TIMING_DTYPES:
+        raise UserError(f"--timing-dtype {cfg.timing_dtype!r}: use fp32 (plain float32) or bf16 (the timed passes "
+                        "under bfloat16 autocast).")
+    if cfg.timing_dtype != "fp32" and not cfg.timing:
+        raise UserError(f"--timing-dtype {cfg.timing_dtype} sets the dtype of the timed passes: add --timing, or "
+                        "drop --timing-dtype.")
+    if (cfg.timing and cfg.timing_dtype == "bf16" and cfg.device.startswith("cuda") and torch.cuda.is_available()
+            and not torch.cuda.is_bf16_supported()):
+        raise UserError(f"--timing-dtype bf16: {torch.cuda.get_device_name(torch.device(cfg.device))} has no "
+                        "bfloat16 support; use --timing-dtype fp32.")
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads {cfg.threads}: give a positive number of threads.")
     for m in cfg.methods:

@@ -24,7 +24,7 @@ from bench.core.interface import create_method, resolve_points
 from bench.pipeline.config import RunConfig, resolve_device, validate
 from bench.pipeline.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.pipeline.executors import run_jobs
-from bench.pipeline.timing import stage_inputs, static_timing, timing_metrics
+from bench.pipeline.timing import DTYPE_LABELS, stage_inputs, static_timing, timing_lock, timing_metrics
 from bench.pipeline.tasks import LoadedTask, cache_dir_of, load_task
 from bench.results.files import decisions_frame, metrics_frame, provenance, source_state, write_csv, write_json
 from bench.results.summary import summary_table
@@ -61,20 +61,25 @@ def prepare_out(cfg: RunConfig) -> Path:
 N_LATENCY = 64  # single images behind each batch-1 latency row
 
 
-def timing_params(loaded: LoadedTask, cfg: RunConfig) -> dict:
+def timing_params(loaded: LoadedTask, cfg: RunConfig, timed_images: int | None = None) -> dict:
     """What a timing row was measured on: the device's name, torch, the batch of the throughput passes, the
-    network's dtype and, on CUDA, whether matmuls ran in TF32 (the figure and the table name them)."""
+    timing dtype (``float32``, or ``bfloat16-autocast`` with ``--timing-dtype bf16``) and, on CUDA in fp32,
+    whether matmuls ran in TF32 (the figure and the table name them); with ``timed_images``, how many test images
+    the throughput passes timed (``timed_images``) out of the split (``test_images``): fewer when not every test
+    image fits in the device's memory."""
     cuda = cfg.device.startswith("cuda")
     device = torch.cuda.get_device_name(torch.device(cfg.device)) if cuda else (platform.processor()
                                                                                 or platform.machine())
-    dtype = str(next(loaded.backbone.model.parameters()).dtype).removeprefix("torch.")
-    return {"device": device, "torch": torch.__version__, "timing_batch": cfg.timing_batch, "dtype": dtype,
-            **({"tf32": bool(torch.backends.cuda.matmul.allow_tf32)} if cuda else {})}
+    tf32 = {"tf32": bool(torch.backends.cuda.matmul.allow_tf32)} if cuda and cfg.timing_dtype == "fp32" else {}
+    counts = ({} if timed_images is None else
+              {"timed_images": int(timed_images), "test_images": int(len(loaded.dataset.test_x))})
+    return {"device": device, "torch": torch.__version__, "timing_batch": cfg.timing_batch,
+            "dtype": DTYPE_LABELS[cfg.timing_dtype], **tf32, **counts}
 
 
 def _timed_inputs(loaded: LoadedTask, cfg: RunConfig):
     """The backbone on the run's device (TF32 on CUDA, as the feature cache was computed) and the test images
-    staged there once for every point (``timing.stage_inputs``)."""
+    staged there once for every point (``timing.stage_inputs``: as many as fit, on CUDA)."""
     use_fast_cuda(cfg.device)
     backbone = loaded.backbone
     backbone.model.to(cfg.device).eval()
@@ -83,34 +88,43 @@ def _timed_inputs(loaded: LoadedTask, cfg: RunConfig):
 
 
 def timing_rows(method, loaded: LoadedTask, points, cfg: RunConfig) -> list[dict]:
-    """Wall-clock of the real early-exit runner on the test images per budget (see bench.pipeline.runner):
-    throughput and wall_rel (the static backbone timed on the same device, batches and images as the
-    denominator) over the staged test split, batch-1 latency p50 / p90; each row's n is the number of images
-    it was measured on."""
+    """Wall-clock of the real early-exit runner on the test images per budget (``bench.pipeline.timing``):
+    throughput and wall_rel (the static backbone timed on the same device, batches, images and dtype as the
+    denominator) over the staged test images, batch-1 latency p50 / p90, the timed images' own cost
+    (``timed_macs_rel``) and the runner's ``host_syncs_per_block``; each row's n is the number of images it was
+    measured on, its params say how many test images were timed out of the split. On CUDA the whole section
+    holds the GPU's timing lock (``timing.timing_lock``): no two jobs time on one card at once."""
     rows = []
     task = loaded.task
-    st, x = _timed_inputs(loaded, cfg)
-    setup = timing_params(loaded, cfg)
-    for point in points:
-        if point.budget is None or point.infeasible:
-            continue
-        values = timing_metrics(st, method, point, loaded.dataset.test_x, loaded.backbone.config.img_size,
-                                cfg.device, cfg.timing_batch, N_LATENCY, x=x)
-        params = {**method.params(), **point.params, "val_macs_rel": point.val_macs_rel, **setup}
-        rows += [metric_row("test", task.seed, method.name, params, point.budget, m, v, values.n[m])
-                 for m, v in values.items()]
+    with timing_lock(cache_dir_of(cfg), cfg.device):
+        st, x = _timed_inputs(loaded, cfg)
+        setup = timing_params(loaded, cfg, len(x))
+        for point in points:
+            if point.budget is None or point.infeasible:
+                continue
+            values = timing_metrics(st, method, point, loaded.dataset.test_x, loaded.backbone.config.img_size,
+                                    cfg.device, cfg.timing_batch, N_LATENCY, x=x, dtype=cfg.timing_dtype,
+                                    static_macs=task.macs.static)
+            params = {**method.params(), **point.params, "val_macs_rel": point.val_macs_rel, **setup}
+            rows += [metric_row("test", task.seed, method.name, params, point.budget, m, v, values.n[m])
+                     for m, v in values.items()]
+        del x  # freed before the lock is released (timing_lock returns the cached memory)
     return rows
 
 
 def static_timing_rows(loaded: LoadedTask, cfg: RunConfig) -> list[dict]:
-    """The static backbone's timing rows (method ``static``, no budget): throughput at the run's timing batch
-    and batch-1 latency p50 / p90, measured as the methods' rows are; their params name the setup (so they are
-    no operating point of the static rows, whose params are empty)."""
-    st, x = _timed_inputs(loaded, cfg)
-    values = static_timing(st, loaded.dataset.test_x, loaded.backbone.config.img_size, cfg.device,
-                           cfg.timing_batch, N_LATENCY, x=x)
-    setup = timing_params(loaded, cfg)
-    return [metric_row("test", loaded.task.seed, "static", setup, None, m, v, values.n[m]) for m, v in values.items()]
+    """The static backbone's timing rows (method ``static``, no budget): throughput at the run's timing batch,
+    batch-1 latency p50 / p90 and host_syncs_per_block (0), measured as the methods' rows are, under the same
+    lock; their params name the setup (so they are no operating point of the static rows, whose params are
+    empty)."""
+    with timing_lock(cache_dir_of(cfg), cfg.device):
+        st, x = _timed_inputs(loaded, cfg)
+        values = static_timing(st, loaded.dataset.test_x, loaded.backbone.config.img_size, cfg.device,
+                               cfg.timing_batch, N_LATENCY, x=x, dtype=cfg.timing_dtype)
+        setup = timing_params(loaded, cfg, len(x))
+        del x
+    return [metric_row("test", loaded.task.seed, "static", setup, None, m, v, values.n[m])
+            for m, v in values.items()]
 
 
 def static_job(network: str, cfg: RunConfig) -> str:
