@@ -208,6 +208,39 @@ def test_timing_figure_names_device_batch_and_dtype(tmp_path):
     assert timing_setup(df[~df["metric"].isin(["wall_rel", "throughput", "latency_ms", "latency_ms_p90"])]) is None
 
 
+def test_timing_table_shows_the_timed_cost_host_syncs_and_images_timed_of_the_split(tmp_path):
+    """Newer runs record the timed images' own cost (timed_macs_rel), the runner's host reads per block and, in
+    params, how many test images were timed of the split: the table shows them (300 of 1000 timed here); the
+    report aggregation leaves the new metrics alone."""
+    from bench.results.summary import timing_table
+
+    run = hand_built_run(tmp_path / "run", timing=True)
+    df = pd.read_csv(run / "metrics.csv", dtype={"exit": "Int64"})
+    timed = json.dumps({**json.loads(TIMED), "timed_images": 300, "test_images": 1000}, sort_keys=True,
+                       separators=(",", ":"))
+    df.loc[df["params"] == TIMED, "params"] = timed
+    extra = []
+    for seed in (0, 1):
+        extra.append(_row(seed, "static", "host_syncs_per_block", 0.0, budget=None, params=timed, n=300))
+        for method in ("threshold", "patience", "entropy"):
+            extra += [_row(seed, method, "timed_macs_rel", 0.48 + 0.02 * seed, params=timed, n=300),
+                      _row(seed, method, "host_syncs_per_block", 0.75, params=timed, n=300)]
+    df = pd.concat([df, pd.DataFrame(extra, columns=METRIC_COLUMNS)], ignore_index=True)
+    df.to_csv(run / "metrics.csv", index=False)
+    loaded = load_runs([run])
+    table = timing_table(loaded)
+    lines = table.splitlines()
+    assert lines[2] == ("| method | budget | macs_rel (test) | macs_rel (timed) | wall_rel | throughput (img/s) | "
+                        "latency p50 (ms) | latency p90 (ms) | host syncs / block | n (throughput / latency) |")
+    assert lines[4] == ("| static backbone | — | 1.000 | 1.000 | ref. | 1800 ± 0 | 3.50 ± 0.00 | 4.00 ± 0.00 | "
+                        "0.00 ± 0.00 | 300 of 1000 / 64 |")
+    assert lines[5] == ("| threshold | 0.5 | 0.505 ± 0.007 | 0.490 ± 0.014 | 0.450 ± 0.000 | 1050 ± 71 | "
+                        "2.00 ± 0.00 | 3.00 ± 0.00 | 0.75 ± 0.00 | 300 of 1000 / 64 |")
+    assert all(len(line.split(" | ")) == len(lines[2].split(" | ")) for line in lines[2:] if line.startswith("| "))
+    assert not aggregate(loaded)["metric"].isin(["timed_macs_rel", "host_syncs_per_block"]).any()
+    assert main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+
+
 def test_report_on_a_real_run_writes_every_figure(tiny_run, capsys):
     before = _digest(tiny_run)
     assert main(["report", str(tiny_run)]) == 0

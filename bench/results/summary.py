@@ -102,6 +102,8 @@ def summary_table(df: pd.DataFrame, split: str = "test") -> str:
 
 
 TIMING_METRICS = ("wall_rel", "throughput", "latency_ms", "latency_ms_p90")
+# written by newer runs beside each timing: the timed images' own cost, the runner's host reads per block
+TIMING_EXTRA = ("timed_macs_rel", "host_syncs_per_block")
 
 
 def _timing_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -139,37 +141,60 @@ def timing_table(df: pd.DataFrame) -> str | None:
     """Markdown table of the real early-exit timings (``--timing``): the static backbone's row, then per method
     and budget the realised test macs_rel beside wall_rel (early-exit wall-clock / the static network's, same
     device, batches and images), throughput (images/s at the timing batch), batch-1 latency p50 and p90 (ms)
-    and n (images behind the throughput and the latency values), mean ± std over seeds; None when the run was
-    not timed. Runs timed before the static backbone had timing rows have no static row, and their n (then the
-    timing batch whatever was timed) reads ``not recorded``."""
+    and n (images behind the throughput and the latency values; ``6912 of 10000`` when not every test image
+    fitted on the device), mean ± std over seeds; None when the run was not timed. Runs that record them add
+    ``macs_rel (timed)`` (the cost of exactly the timed images, next to their wall_rel) and ``host syncs / block``
+    (the runner's host reads per block); older runs' tables keep their columns. Runs timed before the static
+    backbone had timing rows have no static row, and their n (then the timing batch whatever was timed) reads
+    ``not recorded``."""
     t = _timing_rows(df)
     t = t[t["budget"].notna() | (t["method"] == "static")]
     if t.empty:
         return None
     setup = timing_setup(df) or {}
-    cost = df[(df["split"] == "test") & df["exit"].isna() & (df["metric"] == "macs_rel") & df["budget"].notna()]
+    test = df[(df["split"] == "test") & df["exit"].isna()]
+    cost = test[(test["metric"] == "macs_rel") & test["budget"].notna()]
+    extra = test[test["metric"].isin(TIMING_EXTRA) & (test["budget"].notna() | (test["method"] == "static"))]
+    timed_cost, syncs = (m in set(extra["metric"]) for m in TIMING_EXTRA)
+    head = ["method", "budget", "macs_rel (test)", *(["macs_rel (timed)"] if timed_cost else []), "wall_rel",
+            "throughput (img/s)", "latency p50 (ms)", "latency p90 (ms)", *(["host syncs / block"] if syncs else []),
+            "n (throughput / latency)"]
     lines = [f"Real early exit on {timing_setup_text(setup)} (wall_rel and throughput at batch "
              f"{setup.get('timing_batch', '?')} over the n images of the throughput column, latency at batch 1 "
              "over the n images of the latency column; mean ± std over seeds):", "",
-             "| method | budget | macs_rel (test) | wall_rel | throughput (img/s) | latency p50 (ms) | "
-             "latency p90 (ms) | n (throughput / latency) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def cells(g: pd.DataFrame) -> list[str]:
-        out = [_cell(g[g["metric"] == m].sort_values("seed")["value"], d)
+    def value(g: pd.DataFrame, metric: str, digits: int) -> str:
+        return _cell(g[g["metric"] == metric].sort_values("seed")["value"], digits)
+
+    def cells(g: pd.DataFrame, e: pd.DataFrame) -> list[str]:
+        out = [value(g, m, d)
                for m, d in (("wall_rel", 3), ("throughput", 0), ("latency_ms", 2), ("latency_ms_p90", 2))]
-        if not all("dtype" in json.loads(p) for p in g["params"].unique()):
+        out += [value(e, "host_syncs_per_block", 2)] if syncs else []
+        params = [json.loads(p) for p in g["params"].unique()]
+        if not all("dtype" in p for p in params):
             return out + ["not recorded"]  # rows written before dtype was: their n was the timing batch
         n = [g.loc[g["metric"] == m, "n"] for m in ("throughput", "latency_ms")]
-        return out + [" / ".join(str(int(v.max())) if len(v) else "—" for v in n)]
+        timed = [str(int(v.max())) if len(v) else "—" for v in n]
+        split = [p["test_images"] for p in params if "test_images" in p]
+        if split and len(n[0]) and int(n[0].max()) < max(split):  # not every test image was timed
+            timed[0] += f" of {max(split)}"
+        return out + [" / ".join(timed)]
+
+    def group(frame: pd.DataFrame, method: str, budget) -> pd.DataFrame:
+        at = frame["method"] == method
+        return frame[at & (frame["budget"].isna() if budget is None else frame["budget"] == budget)]
 
     static = t[t["method"] == "static"]
     if not static.empty:
-        c = cells(static)
-        lines.append(f"| {method_label('static')} | — | 1.000 | ref. | {' | '.join(c[1:])} |")
+        c = cells(static, group(extra, "static", None))
+        lines.append(f"| {method_label('static')} | — | 1.000 | {'1.000 | ' if timed_cost else ''}ref. | "
+                     f"{' | '.join(c[1:])} |")
     for (method, budget), g in t[t["method"] != "static"].groupby(["method", "budget"], sort=False):
         c = cost[(cost["method"] == method) & (cost["budget"] == budget)].sort_values("seed")["value"]
-        lines.append(f"| {method_label(method)} | {budget:g} | {_cell(c, 3)} | {' | '.join(cells(g))} |")
+        e = group(extra, method, budget)
+        timed = f"{value(e, 'timed_macs_rel', 3)} | " if timed_cost else ""
+        lines.append(f"| {method_label(method)} | {budget:g} | {_cell(c, 3)} | {timed}{' | '.join(cells(g, e))} |")
     return "\n".join(lines)
 
 
