@@ -172,7 +172,7 @@ def device_key(device) -> str:
     """A name of the physical device for its timing lock: the GPU's UUID (the same card under any
     ``CUDA_VISIBLE_DEVICES`` and on any host sharing the cache), else host and index."""
     dev = cuda_device(device)
-    uuid = getattr(torch.cuda.get_device_properties(dev), "uuid", None)
+    uuid = str(getattr(torch.cuda.get_device_properties(dev), "uuid", None) or "")  # a _CUuuid: its hex text
     return f"gpu-{uuid}" if uuid else f"{socket.gethostname()}-cuda{dev.index}"
 
 
