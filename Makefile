@@ -26,13 +26,36 @@ test: setup
 bench-perf: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest tests/benchmarks -m perf -s --benchmark-columns=min,median,max
 
-# the device check in one call (bench/gpu_check.py): CUDA tests, throughput, real early-exit timing, a short
-# CIFAR-10 run; one JSON and one markdown file in $OUT (else results/gpu-check/). The dry run: CPU, tiny, < 2 min
-gpu-check: setup
-	$(VENV)/bin/python -m bench.gpu_check --out $${OUT:-results/gpu-check}
+# The device check in one call (bench/gpu_check): CUDA tests, throughput, real early-exit timing, a short CIFAR-10
+# run; one JSON and one markdown file in $(OUT) (else results/gpu-check/). It runs on the interpreter GPU_PYTHON:
+# PYTHON when given on the command line, else .venv's if it exists, else python3 (a lent GPU machine: torch and
+# timm preinstalled; no venv, no fvcore, no network). Nothing is installed when that interpreter imports what the
+# check needs; only when it does not, `make setup`, then .venv's. DATA=PATH names the CIFAR-10 archive (default:
+# shared/data/cifar10-jpeg.tar.gz, then ../shared/data/), ARGS more options. The dry run: CPU, tiny, about a
+# minute, with fvcore blocked as on a lent machine.
+GPU_CHECK_IMPORTS := torch, timm, numpy, scipy, pandas, sklearn, PIL, matplotlib, seaborn, tqdm
+ifeq ($(origin PYTHON),command line)
+GPU_PYTHON ?= $(PYTHON)
+else
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+endif
 
-gpu-check-dry: setup
-	$(VENV)/bin/python -m bench.gpu_check --dry --out $${OUT:-results/gpu-check-dry}
+define gpu_check
+	@py="$(GPU_PYTHON)"; \
+	if ! "$$py" -c "import $(GPU_CHECK_IMPORTS)" >/dev/null 2>&1; then \
+		echo "gpu-check: $$py cannot import $(GPU_CHECK_IMPORTS): make setup"; \
+		$(MAKE) --no-print-directory setup || exit 1; \
+		py=$(VENV)/bin/python; \
+	fi; \
+	echo "gpu-check: interpreter $$py ($$("$$py" -c 'import sys; print(sys.executable, sys.version.split()[0])'))"; \
+	"$$py" -m bench.gpu_check $(1) --out "$(or $(OUT),$(2))" $(if $(DATA),--data "$(DATA)") $(ARGS)
+endef
+
+gpu-check:
+	$(call gpu_check,,results/gpu-check)
+
+gpu-check-dry:
+	$(call gpu_check,--dry --no-fvcore,results/gpu-check-dry)
 
 clean-venv:
 	rm -rf $(VENV)
