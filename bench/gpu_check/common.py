@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bench.backbones.base import BACKBONES
+from bench.measure.flops import fvcore_available
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCHIVE = Path("data") / "cifar10-jpeg.tar.gz"
@@ -73,14 +74,16 @@ FULL = Sizes(
                    augment="crop_flip"),
     train_images=(4096, 32768), feature_images=(8192, 32768), ee_fit=(512, 4096), ee_test=(2048, 10000), ee_b1=128,
     n_latency=64, timing_batch=256, method_params=FULL_METHOD_PARAMS,
-    run_epochs=(2, 15, 60.0), run_overhead_s=90.0,
+    run_epochs=(2, 15, 50.0), run_overhead_s=100.0,
     run_args=("--budgets", "0.5", "--set", "threshold.epochs=20", "--set", "entropy.epochs=20",
               "--set", "jeidnn.warmup_epochs=2", "--set", "jeidnn.epochs=8"),
     pytest_timeout=300,
     # by hand, not yet measured on an H100 (the JSON records each section's seconds beside these): pytest's start
-    # and three CUDA tests; a 30-epoch digits ViT and 7 method fits; ViT-S/16 (4k images x 3 epochs, bf16) and
-    # the CIFAR ViT (33k x 3); two tasks of 6 fitted methods, each point timed at batch 256 (~7 passes) and 64
-    # single images; the CIFAR-10 run (60 s training + decoding, features, 3 fits, timing, report)
+    # and 13 CUDA tests; a 30-epoch digits ViT and 7 method fits (MSDNet's network trained too); ViT-S/16 (4k
+    # images x 3 epochs, bf16) and the CIFAR ViT (33k x 3); two tasks of 6 methods fitted on the CPU (JEI-DNN on
+    # 4096 images: ~20 s on 2 busy cores here), each point timed at batch 256 (8 passes) and on 64 single
+    # images (~3 ms each); the CIFAR-10 run: 50 s of training, and ~100 s of decoding 60k JPEGs (~10 s), features,
+    # fits on 45k images (JEI-DNN 8 epochs: the largest), timing and the report
     estimate_s={"cuda_tests": 60, "runner_vs_simulation": 45, "throughput": 40, "early_exit_timing": 110,
                 "cifar10_from_scratch": 150},
     estimate_for="one H100", time_limit_s=480.0)
@@ -99,9 +102,9 @@ DRY = Sizes(
               "--set", "jeidnn.epochs=2", "--set", "jeidnn.warmup_epochs=1", "--set", "jeidnn.lambdas=[0.1,1.0]",
               "--timing-batch", "32", "--threads", "1"),
     pytest_timeout=300,
-    # measured: 2 busy CPU cores, one torch thread, fvcore blocked
-    estimate_s={"cuda_tests": 6, "runner_vs_simulation": 6, "throughput": 2, "early_exit_timing": 6,
-                "cifar10_from_scratch": 6},
+    # measured: 2 CPU cores (20-70 s in all, as busy as they were), one torch thread, fvcore blocked
+    estimate_s={"cuda_tests": 8, "runner_vs_simulation": 8, "throughput": 2, "early_exit_timing": 8,
+                "cifar10_from_scratch": 8},
     estimate_for="2 CPU cores", time_limit_s=120.0)
 
 
@@ -151,8 +154,6 @@ def block_fvcore(folder: Path) -> dict:
 
 
 def fvcore_version() -> str | None:
-    from bench.measure.flops import fvcore_available
-
     if not fvcore_available():
         return None
     try:
