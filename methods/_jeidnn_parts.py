@@ -252,9 +252,18 @@ def _nll(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, y.expand(*logp.shape[:-1])[..., None]).squeeze(-1)
 
 
-def _gate_probs(logits_k: torch.Tensor, w: np.ndarray, b: float) -> np.ndarray:
-    """g [N] float64 of one gate (weights w [4], bias b) on its IM's logits [N, C]. An explicit weighted sum
-    (no BLAS), so a sample's g does not depend on which other samples share the batch."""
-    f = gate_features(torch.as_tensor(logits_k).double()).numpy()
+def gate_probs(logits_k: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """g [N] float64 of one gate (weights w [4], bias b, tensors on the logits' device) on its IM's logits
+    [N, C], computed on that device with no host synchronisation (the real runner's form; ``_gate_probs`` is the
+    same arithmetic for the simulation). An explicit weighted sum (no BLAS), so a sample's g does not depend on
+    which other samples share the batch."""
+    f = gate_features(logits_k.double())
+    w, b = w.double(), b.double()
     z = b + f[:, 0] * w[0] + f[:, 1] * w[1] + f[:, 2] * w[2] + f[:, 3] * w[3]
-    return np.exp(-np.logaddexp(0.0, -z))  # the logistic function, without overflow for large |z|
+    return torch.exp(-torch.logaddexp(torch.zeros_like(z), -z))  # the logistic function, no overflow for large |z|
+
+
+def _gate_probs(logits_k: torch.Tensor, w, b) -> np.ndarray:
+    """``gate_probs`` as a numpy array (weights given as arrays or tensors, the bias as a number or a tensor)."""
+    f64 = torch.float64
+    return gate_probs(torch.as_tensor(logits_k), torch.as_tensor(w, dtype=f64), torch.as_tensor(b, dtype=f64)).numpy()

@@ -191,8 +191,9 @@ class BoostedNet(ScoreExitMethod):
         with torch.no_grad():
             logits = self._head(k, features_k)
             if k > 0:
-                logits = logits + self.boost_weight * torch.from_numpy(np.asarray(state["ensemble"]))
-        return logits, self.scores(logits) >= self._threshold(point, k), {**(state or {}), "ensemble": logits.numpy()}
+                logits = logits + self.boost_weight * state["ensemble"]
+        leave = self.score(logits.double()) >= float(self._threshold(point, k))
+        return logits, leave, {**(state or {}), "ensemble": logits}
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=-1).amax(dim=-1)

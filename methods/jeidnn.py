@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from bench.base.fields import bounded, choice
 from bench.core.interface import ExitMethod, OperatingPoint, register_method
 from bench.core.task import SplitData, Task
-from methods._jeidnn_parts import (JEIDNNConfigError, _ce, _features_from_logp, _gate_probs, _im_logits,
+from methods._jeidnn_parts import (JEIDNNConfigError, _ce, _features_from_logp, _gate_probs, _im_logits, gate_probs,
                                    _linear_init, _nll, exit_probabilities, gate_loss, gate_macs, gate_targets,
                                    inference_exits, official_gate_phase, official_joint_epochs, official_joint_lr,
                                    oracle_exits, positive_weights_from_counts, weighted_im_loss)
@@ -385,12 +385,14 @@ class JEIDNN(JEIDNNBase):
         return weighted_im_loss(ce, p, self.im_loss, reduction="mean")
 
     def stream(self, k: int, features_k: torch.Tensor, point: OperatingPoint, state: dict | None
-               ) -> tuple[torch.Tensor, np.ndarray, dict]:
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Exit k's IM, its gate g_k and the official rule ``g_k >= 0.5 (1 - sum_{l<k} g_l)`` on the features'
+        device, in float64 as ``inference_exits``; the running sum of g travels in ``state``."""
         self.check_fitted()
         j = self._lambda_index(point)
         logits = self.exit_head(k, features_k, point)
         if k == len(self.costs_) - 1:  # the last exit has no gate: everyone left leaves
-            return logits, np.ones(len(logits), dtype=bool), dict(state or {})
-        g = _gate_probs(logits, self.gate_w_[j, k].double().numpy(), float(self.gate_b_[j, k]))
-        cum = np.zeros(len(g)) if state is None else np.asarray(state[STATE_KEY], dtype=np.float64)
+            return logits, torch.ones(len(logits), dtype=torch.bool, device=logits.device), dict(state or {})
+        g = gate_probs(logits, self.gate_w_[j, k], self.gate_b_[j, k])
+        cum = torch.zeros_like(g) if state is None else state[STATE_KEY]
         return logits, g >= 0.5 * (1 - cum), {STATE_KEY: cum + g}

@@ -55,7 +55,7 @@ from bench.base.fields import bounded, choice
 from bench.core.interface import OperatingPoint, register_method
 from bench.core.task import Task
 from bench.measure.calibration import calibrate_thresholds, first_exit
-from methods._jeidnn_parts import (JEIDNNConfigError, _features_from_logp, _gate_probs, _im_logits, _nll,
+from methods._jeidnn_parts import (JEIDNNConfigError, _features_from_logp, _im_logits, _nll, gate_probs,
                                    conditional_exit_probabilities, conditional_targets, cumulative_exit_probabilities,
                                    first_at_least, gate_targets, IM_LOSSES, oracle_exits,
                                    weighted_im_loss)
@@ -233,15 +233,16 @@ class JEIDNNConsistent(JEIDNNBase):
         return self.exits_from_gates(g)
 
     def stream(self, k: int, features_k: torch.Tensor, point: OperatingPoint, state: dict | None
-               ) -> tuple[torch.Tensor, np.ndarray, dict]:
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Exit k's IM and gate on the features' device; leave where g_k reaches the point's threshold (0.5 for
+        the consistent rule)."""
         self.check_fitted()
         j = self._lambda_index(point)
         logits = self.exit_head(k, features_k, point)
         if k == len(self.costs_) - 1:
-            return logits, np.ones(len(logits), dtype=bool), dict(state or {})
-        g = _gate_probs(logits, self.gate_w_[j, k].double().numpy(), float(self.gate_b_[j, k]))
-        t = float(point.params.get("threshold", 0.5))
-        return logits, g >= t, dict(state or {})
+            return logits, torch.ones(len(logits), dtype=torch.bool, device=logits.device), dict(state or {})
+        g = gate_probs(logits, self.gate_w_[j, k], self.gate_b_[j, k])
+        return logits, g >= float(point.params.get("threshold", 0.5)), dict(state or {})
 
     def operating_points(self, task: Task, budgets) -> list[OperatingPoint]:
         points = super().operating_points(task, budgets)

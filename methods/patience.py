@@ -67,14 +67,14 @@ class Patience(CrossEntropyHeadsMethod):
         return patience_exits(logits.argmax(-1).numpy(), self._patience(point))
 
     def stream(self, k: int, features_k: torch.Tensor, point: OperatingPoint, state: dict | None
-               ) -> tuple[torch.Tensor, np.ndarray, dict]:
-        """Exit k's logits and the mask [N_k] of the running samples that leave there; state = {"prev": argmax,
-        "count": counter}."""
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Exit k's logits and the mask [N_k] of the running samples that leave there, on the features' device;
+        state = {"prev": argmax, "count": counter} per running sample."""
         t = self._patience(point)
         logits = self.exit_head(k, features_k, point)
-        pred = logits.argmax(-1).numpy()
+        pred = logits.argmax(-1)
         if state is None:
-            count = np.zeros(len(pred), dtype=np.int64)
+            count = torch.zeros_like(pred)
         else:
-            count = np.where(pred == state["prev"], state["count"] + 1, 0)
+            count = torch.where(pred == state["prev"], state["count"] + 1, 0)
         return logits, count >= t, {"prev": pred, "count": count}

@@ -101,7 +101,7 @@ class StreamsDifferently(_Cheat):
 
     def stream(self, k, features_k, point, state):
         logits = self.exit_head(k, features_k, point)
-        return logits, self.scores(logits) >= 0.9 * point.params["threshold"], {}
+        return logits, self.score(logits.double()) >= 0.9 * point.params["threshold"], {}
 
 
 class HeadDrifts(_Cheat):

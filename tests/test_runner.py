@@ -11,8 +11,7 @@ from bench.backbones.base import to_tensor
 from bench.backbones.vit import ViT, ViTConfig
 from bench.core.interface import METHODS, create_method, resolve_points
 from bench.pipeline.config import RunConfig
-from bench.pipeline.runner import (CPU_LOGIT_TOLERANCE, compare_with_simulation, method_on_device, run_early_exit,
-                                   streams_on_device)
+from bench.pipeline.runner import CPU_LOGIT_TOLERANCE, compare_with_simulation, method_on_device, run_early_exit
 from bench.pipeline.tasks import load_task
 from tests._early_exit_check import assert_real_equals_simulated
 
@@ -71,10 +70,8 @@ def test_budget_one_runs_every_block_and_small_budget_saves_blocks(setup):
     assert sum(r_high.block_rows) >= sum(r_low.block_rows)
 
 
-def test_score_rules_decide_on_the_device_and_the_others_on_the_host(setup):
+def test_method_copies_on_the_device_are_made_once(setup):
     _, _, task = setup
-    on_device = {name for name in DEPLOYABLE if streams_on_device(create_method(name))}
-    assert on_device == {"threshold", "entropy", "msdnet"}  # their stream is ScoreExitMethod's
     method = create_method("threshold").fit(task)
     assert method_on_device(method, "cpu") is method
     # the "meta" device moves tensors without a GPU: every head tensor moves, the method itself stays put
@@ -85,6 +82,44 @@ def test_score_rules_decide_on_the_device_and_the_others_on_the_host(setup):
     assert method_on_device(method, "meta") is meta  # made once
     method.heads_ = dataclasses.replace(method.heads_)  # a refit replaces the fitted state: a new copy
     assert method_on_device(method, "meta") is not meta
+
+
+@pytest.mark.parametrize("name", DEPLOYABLE)
+def test_every_method_streams_on_the_device_without_host_reads(setup, name):
+    """Every method's ``stream`` runs on the meta device (tensors with shapes and no data: any read of a value,
+    a copy to the host or a data-dependent shape raises there), so nothing in it waits for the host; its mask
+    and state are tensors on that device with one row per running sample."""
+    ds, backbone, task = setup
+    method = create_method(name, _fast_params(name)).fit(task)
+    point = next(p for p in resolve_points(method, task, [0.5, 0.7]) if not p.infeasible)
+    meta = method_on_device(method, "meta")
+    feats = task.splits["test"].features.to("meta")
+    state = None
+    for k in range(task.num_exits):
+        logits, leave, state = meta.stream(k, feats[k, :50], point, state)
+        assert logits.is_meta and logits.shape == (50, task.num_classes)
+        assert leave.is_meta and leave.dtype == torch.bool and leave.shape == (50,)
+        assert all(v.is_meta and v.shape[0] == 50 for v in state.values())
+    assert name not in {"patience", "jeidnn", "boostednet"} or state or k == task.num_exits - 1
+
+
+@pytest.mark.parametrize("batch", [1, 7, 100])
+@pytest.mark.parametrize("name", DEPLOYABLE)
+def test_the_runner_reads_the_host_once_per_block(setup, name, batch):
+    """At most one host read per block and batch for every method (the survivors' count; at batch 1 the leave
+    flag), counted by the runner; every exited block is one fewer read, so a budget below 1 reads less than once
+    per block in all."""
+    ds, backbone, task = setup
+    method = create_method(name, _fast_params(name)).fit(task)
+    point = next(p for p in resolve_points(method, task, [0.5, 0.7]) if not p.infeasible)
+    x = to_tensor(ds.test_x[:100], TINY.img_size)
+    r = run_early_exit(backbone.stages(), method, point, x, batch_size=batch)
+    depth = TINY.depth
+    last = [int(r.exits[i:i + batch].max()) for i in range(0, 100, batch)]  # the last exit each batch ran
+    assert r.block_calls == sum(k + 1 for k in last)  # a batch stops once all its samples have left
+    # one read per block run, except at the last exit (it takes everyone left, nothing to read)
+    assert r.host_syncs == r.block_calls - sum(k == depth - 1 for k in last)
+    assert 0 < r.host_syncs_per_block <= 1
 
 
 @pytest.mark.parametrize("name", ["threshold", "patience"])

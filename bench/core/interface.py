@@ -14,10 +14,15 @@ The contract, five methods (DESIGN.md):
 - ``decide(logits, point, targets=None)`` -> exit index [N]; row k of any score uses exits 0..k only. Only a
   bound (``bound = True``, the oracle) may read ``targets``.
 - ``stream(k, features_k, point, state)`` -> (logits [N_k, C], leave [N_k] bool, state): the real runner's
-  form, called at every exit k with the exit-k features of the N_k samples still running; ``state`` is None at
-  k = 0, else the dict of per-sample arrays returned at k-1 with the leavers' rows removed. Its logits must
-  equal ``exit_logits(...)[k]`` on those rows and its exits ``decide``'s (``leave`` is ignored at the last
-  exit, which takes everyone left).
+  form, called at every exit k with the exit-k features [N_k, D] of the N_k samples still running. Everything is
+  a torch tensor on the features' device (the model's: a GPU in a timed run): the logits, the ``leave`` mask and
+  ``state``, a dict of per-sample tensors whose first dimension is N_k (JEI-DNN's accumulated gate mass,
+  patience's counter and previous argmax, BoostedNet's running ensemble), None at k = 0. The runner keeps the
+  survivors' rows of every state tensor by the same index as the block state, so exit k+1 sees them aligned.
+  ``stream`` must not synchronise with the host (no ``.item()``, ``.cpu()``, ``.numpy()``, ``bool(tensor)``,
+  boolean-mask indexing): the runner's one read per block, the survivors' count, is the only one, so early exit
+  pays on a GPU. Its logits must equal ``exit_logits(...)[k]`` on those rows and its exits ``decide``'s (use
+  float64 where ``decide`` does; ``leave`` is ignored at the last exit, which takes everyone left).
 
 Methods are dataclasses: hyper-parameters are fields stored as given (``--set METHOD.FIELD=VALUE`` sets them,
 typed and range-checked by ``bench.base.fields``), fitted state ends in ``_`` (scikit-learn's convention).
@@ -87,7 +92,7 @@ class ExitMethod:
         raise NotImplementedError
 
     def stream(self, k: int, features_k: torch.Tensor, point: OperatingPoint, state: dict | None
-               ) -> tuple[torch.Tensor, np.ndarray, dict]:
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError(f"{self.name} has no streaming form")
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -210,33 +215,52 @@ class ScoreExitMethod(ExitMethod):
         return first_exit(self.scores(logits), self._threshold(point))
 
     def stream(self, k: int, features_k: torch.Tensor, point: OperatingPoint, state: dict | None
-               ) -> tuple[torch.Tensor, np.ndarray, dict]:
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Exit k's head, its float64 score and the comparison with exit k's threshold, on the features'
+        device: ``decide``'s arithmetic (``scores``) without leaving the device."""
         logits = self.exit_head(k, features_k, point)
-        return logits, self.scores(logits) >= self._threshold(point, k), dict(state or {})
+        return logits, self.score(logits.double()) >= float(self._threshold(point, k)), {}
+
+
+def check_stream_output(method: ExitMethod, k: int, n: int, logits, leave, state) -> None:
+    """What ``stream(k, ...)`` returned on n running samples must be tensors of the contract's shapes: a clear
+    error naming the method otherwise (a plugin written for numpy masks, say)."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{method.name}.stream({k}) returned {what}; the streaming contract (bench.core.interface) "
+                          "wants torch tensors on the features' device: logits [N_k, C], leave [N_k] bool, state "
+                          "{name: tensor [N_k, ...]}.")
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != n:
+        raise bad(f"logits of shape {tuple(getattr(logits, 'shape', ())) or type(logits).__name__}")
+    if not isinstance(leave, torch.Tensor) or leave.dtype != torch.bool or tuple(leave.shape) != (n,):
+        raise bad(f"a leave mask {type(leave).__name__} {tuple(getattr(leave, 'shape', ()))} "
+                  f"{getattr(leave, 'dtype', '')}, expected ({n},) torch.bool")
+    for key, v in (state or {}).items():
+        if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != n:
+            raise bad(f"state[{key!r}] = {type(v).__name__} {tuple(getattr(v, 'shape', ()))}")
 
 
 def stream_exits(method: ExitMethod, features: torch.Tensor, point: OperatingPoint
                  ) -> tuple[np.ndarray, torch.Tensor]:
     """The real runner's path on cached features [K, N, D]: exit by exit, ``stream`` on the samples still
-    running only, the leavers' rows (and state) removed after every exit. Returns (exits [N], the logits [N, C]
-    each sample left with)."""
+    running only, the leavers' rows (and state rows) removed after every exit by the same index. Returns
+    (exits [N], the logits [N, C] each sample left with)."""
     k_exits, n = features.shape[:2]
-    exits = np.full(n, k_exits - 1, dtype=np.int64)
+    exits = torch.full((n,), k_exits - 1, dtype=torch.int64)
     out: torch.Tensor | None = None
-    alive = np.arange(n)
+    alive = torch.arange(n)
     state: dict | None = None
     for k in range(k_exits):
         if len(alive) == 0:
             break
-        logits, leave, state = method.stream(k, features[k, torch.from_numpy(alive)], point, state)
-        leave = np.ones(len(alive), dtype=bool) if k == k_exits - 1 else np.asarray(leave, dtype=bool)
-        if leave.shape != (len(alive),):
-            raise ValueError(f"{method.name}.stream({k}) returned a mask of shape {leave.shape}, expected "
-                             f"({len(alive)},)")
+        logits, leave, state = method.stream(k, features[k, alive], point, state)
+        check_stream_output(method, k, len(alive), logits, leave, state)
+        if k == k_exits - 1:
+            leave = torch.ones(len(alive), dtype=torch.bool)
         if out is None:
             out = torch.zeros(n, logits.shape[1], dtype=torch.float32)
-        out[alive[leave]] = logits[torch.from_numpy(leave)].float()
+        out[alive[leave]] = logits[leave].float()
         exits[alive[leave]] = k
-        alive = alive[~leave]
-        state = {key: np.asarray(v)[~leave] for key, v in (state or {}).items()}
-    return exits, out
+        keep = torch.nonzero(~leave).squeeze(1)
+        alive = alive[keep]
+        state = {key: v[keep] for key, v in (state or {}).items()}
+    return exits.numpy(), out

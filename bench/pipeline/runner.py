@@ -8,15 +8,15 @@ the feature cache: exactly on CPU in float32 (tested), within a stated tolerance
 compacted batch round differently from the full batch the cache saw (``compare_with_simulation`` counts the
 flips; ``python -m bench.gpu_check`` reports them).
 
-Where the exit heads and decisions run. Score rules (``ScoreExitMethod`` with its own ``stream``: threshold,
-entropy, msdnet and any ``score(logits)`` plugin) run on the model's device: a copy of the method with its
-tensors on the device is made once (``method_on_device``), the head, the float64 score and the comparison with
-the threshold stay there, and the only host synchronisation per block is reading how many samples stay (the
-compaction needs that size; the rows are then gathered by index, which needs none). The other methods' ``stream``
-(patience, jeidnn, jeidnn_consistent, boostednet) is numpy-based by the method contract (a numpy mask and
-per-sample numpy state, ``bench.core.interface``): for them each block's exit features [N_k, D] go to the host
-once, the method runs there, and the leavers' index and logits come back; that transfer is unavoidable without
-a device form of their ``stream``. Either way the outputs are collected on the device and copied once at the end.
+Where the exit heads and decisions run: on the model's device, for every method. A copy of the method with its
+fitted tensors on the device is made once (``method_on_device``); its ``stream`` (the tensor contract of
+``bench.core.interface``) computes exit k's logits, who leaves and the per-sample state there. The runner reads
+one value per block and batch from the device, the survivors' count, which the compaction needs as a size; the
+survivors' rows of the block state and of the method's state are then gathered by one index tensor (a stable
+sort of the keep flag), which needs no further synchronisation. At batch 1 the one read is the leave flag
+itself, and nothing is sorted or gathered. The runner counts its own reads (``EarlyExitResult.host_syncs``) and
+the (batch, block) pairs it ran, so every timing row can say ``host_syncs_per_block``; the outputs are collected
+on the device and copied to the host once, at the end (not in the timed form, ``to_cpu=False``).
 
 Timing lives in ``bench.pipeline.timing``.
 """
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from bench.backbones.base import Stages
-from bench.core.interface import ExitMethod, OperatingPoint, ScoreExitMethod
+from bench.core.interface import ExitMethod, OperatingPoint, check_stream_output
 
 @dataclass
 class EarlyExitResult:
@@ -45,13 +45,6 @@ class EarlyExitResult:
     def host_syncs_per_block(self) -> float:
         """Host synchronisations per block run (the contract: at most 1, the survivors' count)."""
         return self.host_syncs / max(1, self.block_calls)
-
-
-def streams_on_device(method: ExitMethod) -> bool:
-    """Whether the runner takes this method's exit heads and decisions on the model's device: a score rule whose
-    ``stream`` is ``ScoreExitMethod``'s (head, then ``score(logits) >= threshold``), which needs nothing but
-    torch. Other methods' ``stream`` returns numpy masks and state, so it runs on the host."""
-    return isinstance(method, ScoreExitMethod) and type(method).stream is ScoreExitMethod.stream
 
 
 def _moved(value, device):
@@ -95,67 +88,58 @@ def run_early_exit(st: Stages, method: ExitMethod, point: OperatingPoint, x: tor
                    to_cpu: bool = True) -> EarlyExitResult:
     """Early-exit inference on images x [N, C, H, W] (already on the model's device), ``batch_size`` images at a
     time. Returns the exits and logits on the CPU (one copy at the end), or left on the device with
-    ``to_cpu=False`` (the timed form: the static backbone's logits stay there too)."""
+    ``to_cpu=False`` (the timed form)."""
     if method.bound:
         raise ValueError(f"{method.name} is a bound that reads labels; it cannot run as a real early exit")
     device = x.device
-    on_device = streams_on_device(method)
-    m = method_on_device(method, device) if on_device else method
+    m = method_on_device(method, device)
     depth = st.num_exits
     n = x.shape[0]
     exits = torch.full((n,), depth - 1, dtype=torch.int64, device=device)
     out: torch.Tensor | None = None
     block_rows = [0] * depth
+    syncs = calls = 0
     for start in range(0, n, batch_size):
         h = st.embed(x[start:start + batch_size])
-        alive = torch.arange(start, min(start + batch_size, n), device=device)
-        state = None
+        n_alive = min(batch_size, n - start)
+        alive = torch.arange(start, start + n_alive, device=device)
+        state: dict | None = None
         for k in range(depth):
-            block_rows[k] += len(alive)
+            block_rows[k] += n_alive
+            calls += 1
             h = st.block(k, h)
-            feats = st.exit_feature(k, h).float()
-            last = k == depth - 1
-            if on_device:
-                logits = m.exit_head(k, feats, point)
-                leave = None if last else m.score(logits.double()) >= float(m._threshold(point, k))
-            else:  # numpy-based stream: the features go to the host, the leavers' index and logits come back
-                logits, leave, state = m.stream(k, feats.cpu(), point, state)
-                leave = None if last else np.asarray(leave, dtype=bool)
+            logits, leave, state = m.stream(k, st.exit_feature(k, h).float(), point, state)
+            check_stream_output(method, k, n_alive, logits, leave, state)
             if out is None:
                 out = torch.empty(n, logits.shape[1], dtype=torch.float32, device=device)
-            if last:
-                out[alive] = logits.float().to(device)
+            if k == depth - 1:  # the last exit takes everyone left
+                out[alive] = logits.float()
                 break
-            if isinstance(leave, np.ndarray):
-                if leave.shape != (len(alive),):
-                    raise ValueError(f"{method.name}.stream({k}) returned a mask of shape {leave.shape}, "
-                                     f"expected ({len(alive)},)")
-                keep_np = ~leave
-                n_keep = int(keep_np.sum())
-                rows = torch.from_numpy(np.flatnonzero(leave))
-                pick = logits[rows]
-                leave_idx = rows.to(device)
-                keep_idx = torch.from_numpy(np.flatnonzero(keep_np)).to(device)
-            else:
-                keep = ~leave
-                n_keep = int(keep.sum())  # the block's one host synchronisation: the survivors' count
-                # keepers first, then leavers, each in their original order (a stable sort of the keep flag)
-                order = torch.sort(keep.to(torch.int32), descending=True, stable=True).indices
-                keep_idx, leave_idx = order[:n_keep], order[n_keep:]
-                pick = logits[leave_idx]
-            if n_keep < len(alive):
-                out[alive[leave_idx]] = pick.float().to(device)
-                exits[alive[leave_idx]] = k
+            if n_alive == 1:  # batch 1: the leave flag is the one read; nothing to sort or gather
+                syncs += 1
+                if bool(leave[0]):
+                    out[alive] = logits.float()
+                    exits[alive] = k
+                    break
+                continue
+            keep = ~leave
+            n_keep = int(keep.sum())  # the block's one host synchronisation: the survivors' count
+            syncs += 1
+            if n_keep == n_alive:
+                continue
+            # keepers first, then leavers, each in their original order (a stable sort of the keep flag)
+            order = torch.sort(keep.to(torch.int32), descending=True, stable=True).indices
+            keep_idx, leave_idx = order[:n_keep], order[n_keep:]
+            out[alive[leave_idx]] = logits[leave_idx].float()
+            exits[alive[leave_idx]] = k
             if n_keep == 0:
                 break
-            if n_keep < len(alive):
-                alive = alive[keep_idx]
-                h = st.select(h, keep_idx)  # an index tensor: gathering by it needs no host synchronisation
-                if state:
-                    state = {key: np.asarray(v)[keep_np] for key, v in state.items()}
+            alive, n_alive = alive[keep_idx], n_keep
+            h = st.select(h, keep_idx)  # an index tensor: gathering by it needs no host synchronisation
+            state = {key: v[keep_idx] for key, v in (state or {}).items()}
     if not to_cpu:
-        return EarlyExitResult(exits, out, block_rows)
-    return EarlyExitResult(exits.cpu().numpy(), None if out is None else out.cpu(), block_rows)
+        return EarlyExitResult(exits, out, block_rows, syncs, calls)
+    return EarlyExitResult(exits.cpu().numpy(), None if out is None else out.cpu(), block_rows, syncs, calls)
 
 
 # float32 rounding of a matrix product summed in another order, far below a wrong head or row (whole units)
