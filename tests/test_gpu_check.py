@@ -97,9 +97,9 @@ def test_the_dry_run_without_fvcore_times_every_method_on_vit_s16_and_names_its_
         for name in TIMED:
             row = v["methods"][name]
             assert 0 < row["macs_rel"] <= 1.1 and row["wall_rel"] > 0 and row["wall_rel_b1"] > 0, (key, name)
-            # None until the runner counts its host reads (EarlyExitResult.block_calls), then a count
-            assert "host_syncs_per_block" in row and (row["host_syncs_per_block"] is None
-                                                      or row["host_syncs_per_block"] >= 0)
+            # the runner's contract: at most one host read per block, at the timing batch and at batch 1
+            assert 0 <= row["host_syncs_per_block"] <= 1 and 0 <= row["host_syncs_per_block_b1"] <= 1, (key, name)
+            assert row["host_syncs_source"] == "timing_metrics"
             assert row["meets_target"] is None  # the CPU gets no verdict
             assert row["n"] == 128 and row["n_b1"] == 8 and row["n_latency"] == 4
     # JEI-DNN had joint epochs after its warm-up (the dry run: 1 warm-up epoch within 2)
@@ -143,6 +143,7 @@ def test_one_backbone_times_every_method_without_fvcore(monkeypatch, tmp_path):
         row = out["methods"][name]
         assert {"macs_rel", "wall_rel", "host_syncs_per_block", "wall_rel_b1", "latency_ms"} <= set(row), name
         assert row["wall_rel"] > 0 and 0 < row["macs_rel"] <= 1.1 and row["meets_target"] is None
+        assert 0 <= row["host_syncs_per_block"] <= 1
     assert out["methods"]["jeidnn"]["fit_params"] == {"warmup_epochs": 1, "epochs": 2, "lambdas": [0.1, 1.0]}
 
 

@@ -98,6 +98,35 @@ def _fit_info(method) -> dict:
     return {n.rstrip("_"): int(getattr(method, n)) for n in names if getattr(method, n, None) is not None}
 
 
+def time_method(name: str, params: dict, task, st, xs: torch.Tensor, x1: torch.Tensor, sizes, device: str) -> dict:
+    """One method: fitted on the task, its operating point at the budget, the realised test ``macs_rel``, and the
+    real runner timed at the timing batch on ``xs`` and at batch 1 on ``x1``."""
+    img, b = xs.shape[-1], sizes.timing_batch
+    t0 = time.perf_counter()
+    method = create_method(name, params).fit(task)
+    fit_s = time.perf_counter() - t0
+    point = _point(method, task, sizes)
+    if point is None:
+        raise RuntimeError("no feasible operating point")
+    exits = method.decide(method.exit_logits(task.splits["test"], point), point)
+    macs_rel = float((method.costs_[exits] / task.macs.static).mean())
+    at_b = _timing(st, method, point, img, device, b, 1, 3, xs, task.macs.static, sizes.dtype)
+    at_1 = _timing(st, method, point, img, device, 1, sizes.n_latency, 2, x1, task.macs.static, sizes.dtype)
+    syncs_b, source = host_syncs(at_b, st, method, point, xs[:b], b)
+    syncs_1, _ = host_syncs(at_1, st, method, point, x1[:1], 1)
+    ref = at_b.get("timed_macs_rel", macs_rel)  # the cost of exactly the timed images, where reported
+    return {"budget": sizes.ee_budget, "budget_used": point.budget, "params": point.params,
+            "fit_seconds": round(fit_s, 2), **_fit_info(method),
+            "macs_rel": macs_rel, "timed_macs_rel": at_b.get("timed_macs_rel"),
+            "wall_rel": at_b["wall_rel"], "throughput": at_b["throughput"],
+            "host_syncs_per_block": syncs_b, "host_syncs_source": source,
+            "wall_rel_b1": at_1["wall_rel"], "latency_ms": at_1["latency_ms"],
+            "latency_ms_p90": at_1["latency_ms_p90"], "host_syncs_per_block_b1": syncs_1,
+            "n": at_b["n"].get("throughput", len(xs)), "n_b1": at_1["n"].get("throughput", len(x1)),
+            "n_latency": at_1["n"].get("latency_ms", sizes.n_latency),
+            "wall_over_macs": at_b["wall_rel"] / ref if ref > 0 else math.nan, "meets_target": None}
+
+
 def time_backbone(ctx: dict, key: str, fields: dict, n_fit: int, n_test: int, methods: list[str]) -> dict:
     """One backbone: the task from its exit features on synthetic images, the static backbone timed, then every
     method fitted and timed at one operating point."""
@@ -126,34 +155,16 @@ def time_backbone(ctx: dict, key: str, fields: dict, n_fit: int, n_test: int, me
     static_1 = static_timing(st, None, img, device, 1, sizes.n_latency, 2, x=x1, **kw)
     cuda = device.startswith("cuda")
     rows = {}
-    for name in methods:
-        t0 = time.perf_counter()
+    for name in methods:  # a method that fails is recorded with its error; the next one still runs
         params = {k: v for k, v in sizes.method_params.get(name, {}).items() if k in create_method(name).params()}
-        method = create_method(name, params).fit(task)
-        fit_s = time.perf_counter() - t0
-        point = _point(method, task, sizes)
-        if point is None:
-            rows[name] = {"fit_params": params, "fit_seconds": fit_s, "error": "no feasible operating point"}
-            continue
-        exits = method.decide(method.exit_logits(task.splits["test"], point), point)
-        macs_rel = float((method.costs_[exits] / task.macs.static).mean())
-        at_b = _timing(st, method, point, img, device, b, 1, 3, xs, task.macs.static, sizes.dtype)
-        at_1 = _timing(st, method, point, img, device, 1, sizes.n_latency, 2, x1, task.macs.static, sizes.dtype)
-        syncs_b, source = host_syncs(at_b, st, method, point, xs[:b], b)
-        syncs_1, _ = host_syncs(at_1, st, method, point, x1[:1], 1)
-        ref = at_b.get("timed_macs_rel", macs_rel)  # the cost of exactly the timed images, where reported
-        ratio = at_b["wall_rel"] / ref if ref > 0 else math.nan
-        rows[name] = {"budget": sizes.ee_budget, "budget_used": point.budget, "params": point.params,
-                      "fit_params": params, "fit_seconds": round(fit_s, 2), **_fit_info(method),
-                      "macs_rel": macs_rel, "timed_macs_rel": at_b.get("timed_macs_rel"),
-                      "wall_rel": at_b["wall_rel"], "throughput": at_b["throughput"],
-                      "host_syncs_per_block": syncs_b, "host_syncs_source": source,
-                      "wall_rel_b1": at_1["wall_rel"], "latency_ms": at_1["latency_ms"],
-                      "latency_ms_p90": at_1["latency_ms_p90"], "host_syncs_per_block_b1": syncs_1,
-                      "n": at_b["n"].get("throughput", len(xs)), "n_b1": at_1["n"].get("throughput", len(x1)),
-                      "n_latency": at_1["n"].get("latency_ms", sizes.n_latency), "wall_over_macs": ratio,
-                      # the target's verdict: CUDA only (on a CPU the figures stand without one)
-                      "meets_target": bool(ratio <= TARGET_RATIO) if cuda and key == "vit_s16_224" else None}
+        try:
+            rows[name] = {"fit_params": params, **time_method(name, params, task, st, xs, x1, sizes, device)}
+        except Exception as e:  # noqa: BLE001
+            rows[name] = {"fit_params": params, "error": f"{type(e).__name__}: {e}",
+                          "traceback": traceback.format_exc()[-2000:]}
+        if cuda and key == "vit_s16_224" and "wall_over_macs" in rows[name]:
+            # the target's verdict: CUDA only (on a CPU the figures stand without one)
+            rows[name]["meets_target"] = bool(rows[name]["wall_over_macs"] <= TARGET_RATIO)
     return {"backbone": backbone.label, "timm_model": getattr(cfg, "model", None), "img_size": img,
             "architecture": {k: getattr(cfg, k, None) for k in ("img_size", "patch_size", "embed_dim", "depth",
                                                                  "num_heads")},
