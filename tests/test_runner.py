@@ -139,6 +139,28 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 
 
 @CUDA
+@pytest.mark.parametrize("batch", [1, 256])
+def test_the_timed_loop_makes_no_other_synchronisation_on_cuda(cuda_setup, batch):
+    """Every method's timed early exit (``to_cpu=False``) under ``torch.cuda.set_sync_debug_mode("error")``: any
+    synchronisation but the runner's one read per block (``runner.host_read``) raises, on the first GPU that runs
+    it."""
+    ds, backbone, task = cuda_setup
+    x = to_tensor(ds.test_x, TINY.img_size, "cuda")
+    st = backbone.stages()
+    for name in DEPLOYABLE:
+        method = create_method(name, _fast_params(name)).fit(task)
+        point = next(p for p in resolve_points(method, task, [0.5, 0.7]) if not p.infeasible)
+        run_early_exit(st, method, point, x[:batch], batch, to_cpu=False)  # warm: the device copy is made once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            r = run_early_exit(st, method, point, x[:batch], batch, to_cpu=False)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert r.host_syncs_per_block <= 1, name
+
+
+@CUDA
 @pytest.mark.parametrize("name", DEPLOYABLE)
 def test_real_runner_on_cuda_agrees_with_the_simulation(cuda_setup, name):
     """On CUDA the full batches of the feature cache and the real runner's compacted ones round differently: a
