@@ -19,7 +19,8 @@ from bench.core import conformance
 from bench.core.interface import METHODS
 from bench.pipeline.config import DEFAULT_BUDGETS, RunConfig
 from bench.pipeline.run import execute
-from bench.results.report import build_page, build_report
+from bench.results.page import build_page
+from bench.results.report import build_report
 from datasets import list_datasets
 
 

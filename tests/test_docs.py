@@ -6,7 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
-from bench.results.report import build_page
+from bench.results.page import build_page
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -450,3 +450,15 @@ def test_runs_that_are_not_one_sweep_stay_apart(tmp_path, change):
     assert main(["report", *map(str, parts), "--page", str(page)]) == 0
     text = page.read_text()
     assert text.count("\n## ") == 2 and "One sweep run in" not in text
+
+
+def test_the_results_page_says_whether_the_gpu_target_was_measured():
+    """Unmeasured until a run on the page has the device-streaming runner's timing rows on a ViT-S/16."""
+    from bench.results.page import gpu_target_note
+
+    cpu = pd.DataFrame({"metric": ["wall_rel", "host_syncs_per_block"], "backbone": ["vit-d6-w128-p4-32px"] * 2})
+    old_gpu = pd.DataFrame({"metric": ["wall_rel"], "backbone": ["vit_small_patch16_224-pretrained-224px"]})
+    new_gpu = pd.DataFrame({"metric": ["wall_rel", "host_syncs_per_block"],
+                            "backbone": ["vit_small_patch16_224-pretrained-224px"] * 2})
+    assert gpu_target_note([cpu, old_gpu]).startswith("GPU target, unmeasured so far")
+    assert gpu_target_note([cpu, new_gpu]).startswith("GPU target: real early exit")
