@@ -12,7 +12,6 @@ run) the figures are reported without a verdict.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import time
 import traceback
@@ -26,7 +25,6 @@ from bench.gpu_check.common import (REQUIRED_TIMED, TARGET_RATIO, SectionFailed,
                                     vit_config)
 from bench.gpu_check.sections import note_counter
 from bench.pipeline.features import compute_features
-from bench.pipeline.runner import run_early_exit
 from bench.pipeline.splits import Splits
 from bench.pipeline.tasks import build_task
 from bench.pipeline.timing import stage_inputs, static_timing, timing_metrics
@@ -45,28 +43,11 @@ def timed_methods(network: str = "vit") -> list[str]:
     return [n for n in METHODS.names() if not METHODS.get(n).bound and METHODS.get(n).backbone_for(network) == network]
 
 
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 def _timing(st, method, point, img, device, batch, n_latency, repeats, x, static_macs, dtype) -> dict:
-    """``timing_metrics`` with the keywords this version of it takes (``dtype``, ``static_macs``), as a plain dict
-    with the image counts under ``n``."""
-    extra = {k: v for k, v in (("dtype", dtype), ("static_macs", static_macs)) if _accepts(timing_metrics, k)}
-    t = timing_metrics(st, method, point, None, img, device, batch, n_latency, repeats, x=x, **extra)
-    return {**t, "n": dict(getattr(t, "n", {}))}
-
-
-def host_syncs(values: dict, st, method, point, x: torch.Tensor, batch: int) -> tuple[float | None, str]:
-    """Host reads per block: ``timing_metrics``'s ``host_syncs_per_block`` (the timed pass), else one untimed run of
-    the runner on ``x`` (``EarlyExitResult.host_syncs`` / ``block_calls``); None where the runner does not count
-    them (``block_calls`` 0: a runner older than its streaming contract, whose timing reports 0)."""
-    result = run_early_exit(st, method, point, x, batch, to_cpu=False)
-    if getattr(result, "block_calls", 0) <= 0:
-        return None, "not counted by this runner"
-    if values.get("host_syncs_per_block") is not None:
-        return float(values["host_syncs_per_block"]), "timing_metrics"
-    return float(result.host_syncs_per_block), "runner"
+    """``timing_metrics`` as a plain dict with the image counts under ``n``."""
+    t = timing_metrics(st, method, point, None, img, device, batch, n_latency, repeats, x=x, dtype=dtype,
+                       static_macs=static_macs)
+    return {**t, "n": dict(t.n)}
 
 
 def _point(method, task, sizes):
@@ -112,16 +93,14 @@ def time_method(name: str, params: dict, task, st, xs: torch.Tensor, x1: torch.T
     macs_rel = float((method.costs_[exits] / task.macs.static).mean())
     at_b = _timing(st, method, point, img, device, b, 1, 3, xs, task.macs.static, sizes.dtype)
     at_1 = _timing(st, method, point, img, device, 1, sizes.n_latency, 2, x1, task.macs.static, sizes.dtype)
-    syncs_b, source = host_syncs(at_b, st, method, point, xs[:b], b)
-    syncs_1, _ = host_syncs(at_1, st, method, point, x1[:1], 1)
     ref = at_b.get("timed_macs_rel", macs_rel)  # the cost of exactly the timed images, where reported
     return {"budget": sizes.ee_budget, "budget_used": point.budget, "params": point.params,
             "fit_seconds": round(fit_s, 2), **_fit_info(method),
             "macs_rel": macs_rel, "timed_macs_rel": at_b.get("timed_macs_rel"),
             "wall_rel": at_b["wall_rel"], "throughput": at_b["throughput"],
-            "host_syncs_per_block": syncs_b, "host_syncs_source": source,
+            "host_syncs_per_block": at_b["host_syncs_per_block"],
             "wall_rel_b1": at_1["wall_rel"], "latency_ms": at_1["latency_ms"],
-            "latency_ms_p90": at_1["latency_ms_p90"], "host_syncs_per_block_b1": syncs_1,
+            "latency_ms_p90": at_1["latency_ms_p90"], "host_syncs_per_block_b1": at_1["host_syncs_per_block"],
             "n": at_b["n"].get("throughput", len(xs)), "n_b1": at_1["n"].get("throughput", len(x1)),
             "n_latency": at_1["n"].get("latency_ms", sizes.n_latency),
             "wall_over_macs": at_b["wall_rel"] / ref if ref > 0 else math.nan, "meets_target": None}
@@ -149,10 +128,8 @@ def time_backbone(ctx: dict, key: str, fields: dict, n_fit: int, n_test: int, me
     st = backbone.stages()
     xs = stage_inputs(test_x, img, device, b, sizes.ee_b1)
     x1 = xs[:sizes.ee_b1]
-    dtype = sizes.dtype if _accepts(static_timing, "dtype") else None
-    kw = {"dtype": dtype} if dtype else {}
-    static_b = static_timing(st, None, img, device, b, 1, 3, x=xs, **kw)
-    static_1 = static_timing(st, None, img, device, 1, sizes.n_latency, 2, x=x1, **kw)
+    static_b = static_timing(st, None, img, device, b, 1, 3, x=xs, dtype=sizes.dtype)
+    static_1 = static_timing(st, None, img, device, 1, sizes.n_latency, 2, x=x1, dtype=sizes.dtype)
     cuda = device.startswith("cuda")
     rows = {}
     for name in methods:  # a method that fails is recorded with its error; the next one still runs
