@@ -310,20 +310,20 @@ class MSDNetExitMacs:
         return self.stem + np.cumsum(per)
 
 
-def msdnet_macs(model: MSDNet) -> MSDNetExitMacs:
-    """Count each part with fvcore on a batch of one at the model's input size; every scale map is returned
-    from the traced functions, so none is dropped as unused."""
+def msdnet_macs(model: MSDNet, count=fvcore_macs) -> MSDNetExitMacs:
+    """Count each part with ``count`` (fvcore by default, or ``torch_macs``) on a batch of one at the model's input
+    size; every scale map is returned from the traced functions, so none is dropped as unused."""
 
     cfg = model.cfg
     x = torch.zeros(1, model.stem.convs[0][0].in_channels, cfg.img_size, cfg.img_size)
     with torch.no_grad():
         xs = model.embed(x)
-        stem = fvcore_macs(model.embed, x)
+        stem = count(model.embed, x)
         blocks, feats, linears = [], [], []
         for k in range(model.num_exits):
-            blocks.append(fvcore_macs(_BlockCall(model, k), tuple(xs)))
+            blocks.append(count(_BlockCall(model, k), tuple(xs)))
             xs = model.block(k, xs)
-            feats.append(fvcore_macs(model.classifiers[k].features, xs[-1]))
+            feats.append(count(model.classifiers[k].features, xs[-1]))
             lin = model.classifiers[k].linear
             linears.append(lin.in_features * lin.out_features)
     return MSDNetExitMacs(stem, tuple(blocks), tuple(feats), tuple(linears))
@@ -416,18 +416,8 @@ class MSDNetBackbone(Backbone):
         linear layers, FLOPs / 2; equal to fvcore's count, tested). ``macs_counter`` says which."""
         if fvcore_available():
             m, counter = msdnet_macs(model), FVCORE
-        else:  # msdnet_macs's parts, counted by torch_macs
-            x = torch.zeros(1, model.stem.convs[0][0].in_channels, model.cfg.img_size, model.cfg.img_size)
-            with torch.no_grad():
-                stem, xs = torch_macs(model.embed, x), model.embed(x)
-                blocks, feats, linears = [], [], []
-                for k in range(model.num_exits):
-                    blocks.append(torch_macs(_BlockCall(model, k), tuple(xs)))
-                    xs = model.block(k, xs)
-                    feats.append(torch_macs(model.classifiers[k].features, xs[-1]))
-                    lin = model.classifiers[k].linear
-                    linears.append(lin.in_features * lin.out_features)
-            m, counter = MSDNetExitMacs(stem, tuple(blocks), tuple(feats), tuple(linears)), TORCH
+        else:
+            m, counter = msdnet_macs(model, torch_macs), TORCH
         return ExitMacs(embed=m.stem, blocks=m.blocks, head=m.classifier_features[-1] + m.classifier_linear[-1],
                         exit_features=m.classifier_features[:-1], macs_counter=counter)
 
