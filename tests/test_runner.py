@@ -43,15 +43,28 @@ def cuda_setup(tmp_path_factory):
     return _loaded(tmp_path_factory, "cuda")
 
 
+@pytest.fixture(scope="module")
+def fitted(setup):
+    """name -> the method fitted once on the CPU task (the runner copies it to a device; it never changes it)."""
+    _, _, task = setup
+    memo = {}
+
+    def get(name):
+        if name not in memo:
+            memo[name] = create_method(name, _fast_params(name)).fit(task)
+        return memo[name]
+    return get
+
+
 def _fast_params(name):
     fields = create_method(name).params()
     return {k: v for k, v in FAST.items() if k in fields}
 
 
 @pytest.mark.parametrize("name", DEPLOYABLE)
-def test_real_exits_equal_simulated(setup, name):
+def test_real_exits_equal_simulated(setup, fitted, name):
     ds, backbone, task = setup
-    method = create_method(name, _fast_params(name)).fit(task)
+    method = fitted(name)
     checked = assert_real_equals_simulated(backbone.model, backbone.stages(), method, task,
                                            to_tensor(ds.test_x, TINY.img_size), [0.3, 0.5, 0.7, 0.9])
     assert checked, f"{name}: no feasible budget"
@@ -85,12 +98,12 @@ def test_method_copies_on_the_device_are_made_once(setup):
 
 
 @pytest.mark.parametrize("name", DEPLOYABLE)
-def test_every_method_streams_on_the_device_without_host_reads(setup, name):
+def test_every_method_streams_on_the_device_without_host_reads(setup, fitted, name):
     """Every method's ``stream`` runs on the meta device (tensors with shapes and no data: any read of a value,
     a copy to the host or a data-dependent shape raises there), so nothing in it waits for the host; its mask
     and state are tensors on that device with one row per running sample."""
     ds, backbone, task = setup
-    method = create_method(name, _fast_params(name)).fit(task)
+    method = fitted(name)
     point = next(p for p in resolve_points(method, task, [0.5, 0.7]) if not p.infeasible)
     meta = method_on_device(method, "meta")
     feats = task.splits["test"].features.to("meta")
@@ -105,12 +118,12 @@ def test_every_method_streams_on_the_device_without_host_reads(setup, name):
 
 @pytest.mark.parametrize("batch", [1, 7, 100])
 @pytest.mark.parametrize("name", DEPLOYABLE)
-def test_the_runner_reads_the_host_once_per_block(setup, name, batch):
+def test_the_runner_reads_the_host_once_per_block(setup, fitted, name, batch):
     """At most one host read per block and batch for every method (the survivors' count; at batch 1 the leave
     flag), counted by the runner; every exited block is one fewer read, so a budget below 1 reads less than once
     per block in all."""
     ds, backbone, task = setup
-    method = create_method(name, _fast_params(name)).fit(task)
+    method = fitted(name)
     point = next(p for p in resolve_points(method, task, [0.5, 0.7]) if not p.infeasible)
     x = to_tensor(ds.test_x[:100], TINY.img_size)
     r = run_early_exit(backbone.stages(), method, point, x, batch_size=batch)
@@ -123,9 +136,9 @@ def test_the_runner_reads_the_host_once_per_block(setup, name, batch):
 
 
 @pytest.mark.parametrize("name", ["threshold", "patience"])
-def test_compare_with_simulation_counts_nothing_on_cpu(setup, name):
+def test_compare_with_simulation_counts_nothing_on_cpu(setup, fitted, name):
     ds, backbone, task = setup
-    method = create_method(name, _fast_params(name)).fit(task)
+    method = fitted(name)
     points = resolve_points(method, task, [0.4, 0.7])  # the budgets', then the method's own points
     found = compare_with_simulation(backbone.stages(), method, task, to_tensor(ds.test_x, TINY.img_size), points,
                                     batch_size=100)
