@@ -21,6 +21,9 @@ seed (the expected correctness of a randomised policy whose expected cost is the
 difference is bootstrapped over the same (seed, sample_id) pairs pooled over seeds (2,000 resamples, seeded);
 a difference whose 95 % percentile interval excludes 0 is marked ``*``. A point outside the reference's cost
 range (by more than 0.02) is not compared, and its row says why.
+
+Why one file of ~690 lines: loading, aggregation, matched-cost comparison and the report's tables are one pipeline
+over the same frames, read top to bottom; the results page, its other consumer, lives in ``page.py``.
 """
 from __future__ import annotations
 
