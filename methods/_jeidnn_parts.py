@@ -41,17 +41,21 @@ def gate_features(logits: torch.Tensor) -> torch.Tensor:
 
 def _features_from_logp(logp: torch.Tensor) -> torch.Tensor:
     """``gate_features`` from log-probabilities [..., C] (lets training reuse the CE's log_softmax)."""
-    logp = logp.detach()
+    return torch.stack(_feature_columns(logp.detach()), dim=-1)
+
+
+def _feature_columns(logp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four gate features of log-probabilities [..., C] as separate tensors [...]."""
     p = logp.exp()
-    ent = -(p * logp).sum(-1)
+    p_logp = p * logp
+    ent = -p_logp.sum(-1)
     # softmax(2z) = p^2 / S with S = sum p^2, so H(softmax(2z)) = log S - 2 sum(p^2 log p) / S: no second softmax
-    p_sq = p * p
-    s = p_sq.sum(-1)
-    ent2 = s.log() - 2 * (p_sq * logp).sum(-1) / s
+    s = (p * p).sum(-1)
+    ent2 = s.log() - 2 * (p * p_logp).sum(-1) / s
     # top-2 without topk (slow on CPU): the max, then the max of the others (a tied maximum gives margin 0)
     p1, i1 = p.max(-1)
-    p2 = p.scatter(-1, i1[..., None], -1.0).amax(-1)
-    return torch.stack([p1, ent, p1 - p2, ent2], dim=-1)
+    p2 = p.scatter(-1, i1.unsqueeze(-1), -1.0).amax(-1)
+    return p1, ent, p1 - p2, ent2
 
 
 def exit_probabilities(g):
@@ -252,18 +256,19 @@ def _nll(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, y.expand(*logp.shape[:-1])[..., None]).squeeze(-1)
 
 
-def gate_probs(logits_k: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """g [N] float64 of one gate (weights w [4], bias b, tensors on the logits' device) on its IM's logits
-    [N, C], computed on that device with no host synchronisation (the real runner's form; ``_gate_probs`` is the
-    same arithmetic for the simulation). An explicit weighted sum (no BLAS), so a sample's g does not depend on
-    which other samples share the batch."""
-    f = gate_features(logits_k.double())
-    w, b = w.double(), b.double()
-    z = b + f[:, 0] * w[0] + f[:, 1] * w[1] + f[:, 2] * w[2] + f[:, 3] * w[3]
-    return torch.exp(-torch.logaddexp(torch.zeros_like(z), -z))  # the logistic function, no overflow for large |z|
+def gate_probs(logits_k: torch.Tensor, w, b) -> torch.Tensor:
+    """g [N] float64 of one gate on its IM's logits [N, C], computed on the logits' device with no host
+    synchronisation (the real runner's form, and the simulation's through ``_gate_probs``: the same arithmetic).
+    The weights w [4] and bias b are host values (the fitted gate: numbers, numpy or CPU tensors), applied as
+    float64 scalars. An explicit weighted sum of the four features (no BLAS, no stacking), so a sample's g does
+    not depend on which other samples share the batch; few, small operations, since at batch 1 every operation's
+    dispatch is what the gate costs."""
+    w0, w1, w2, w3 = (float(v) for v in (w.tolist() if hasattr(w, "tolist") else w))
+    logp = torch.log_softmax(logits_k.detach().double(), dim=-1)
+    p1, ent, margin, ent2 = _feature_columns(logp)
+    return torch.sigmoid(float(b) + w0 * p1 + w1 * ent + w2 * margin + w3 * ent2)
 
 
 def _gate_probs(logits_k: torch.Tensor, w, b) -> np.ndarray:
-    """``gate_probs`` as a numpy array (weights given as arrays or tensors, the bias as a number or a tensor)."""
-    f64 = torch.float64
-    return gate_probs(torch.as_tensor(logits_k), torch.as_tensor(w, dtype=f64), torch.as_tensor(b, dtype=f64)).numpy()
+    """``gate_probs`` as a numpy array."""
+    return gate_probs(torch.as_tensor(logits_k), w, b).numpy()

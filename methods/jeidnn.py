@@ -203,7 +203,7 @@ class JEIDNNBase(ExitMethod):
         ``mean_n e_{exit(n)}`` with ``e_l = CE_l + lambda c_l``, exit(n) by this variant's inference rule: the
         quantity the gates trade off."""
         with torch.no_grad():
-            g = np.stack([_gate_probs(logits_v[kk], gw[j, kk].double().numpy(), float(gb[j, kk]))
+            g = np.stack([_gate_probs(logits_v[kk], gw[j, kk], gb[j, kk])
                           for kk in range(logits_v.shape[0])])
             ex = torch.from_numpy(self.exits_from_gates(g))
             e = ce_v + self.lambdas_[j] * costs_rel[:, None]
@@ -240,11 +240,21 @@ class JEIDNNBase(ExitMethod):
             w, b = (self.warm_w_, self.warm_b_) if j is None else (self.im_w_[j], self.im_b_[j])
             return features_k @ w[k] + b[k]
 
+    def set_gates(self, gate_w: torch.Tensor, gate_b: torch.Tensor) -> None:
+        """The fitted gates [L, K-1, 4] / [L, K-1], and their host copy as float64 numbers: ``stream`` applies
+        them as scalars, so on a device (where ``gate_w_`` is moved) reading them never waits for it."""
+        self.gate_w_, self.gate_b_ = gate_w, gate_b
+        self.gate_host_ = (gate_w.double().tolist(), gate_b.double().tolist())
+
+    def host_gate(self, j: int, k: int) -> tuple[list[float], float]:
+        """Gate k of lambda j as host numbers (weights [4], bias)."""
+        return self.gate_host_[0][j][k], self.gate_host_[1][j][k]
+
     def gate_outputs(self, logits: torch.Tensor, point: OperatingPoint) -> np.ndarray:
         """g [K-1, N] float64 of the point's gates on per-exit logits [K, N, C] (only rows 0..K-2 are read)."""
         self.check_logits(logits)
         j = self._lambda_index(point)
-        return np.stack([_gate_probs(logits[kk], self.gate_w_[j, kk].double().numpy(), float(self.gate_b_[j, kk]))
+        return np.stack([_gate_probs(logits[kk], *self.host_gate(j, kk))
                          for kk in range(logits.shape[0] - 1)]).reshape(logits.shape[0] - 1, logits.shape[1])
 
     def exit_scores(self, logits: torch.Tensor, point: OperatingPoint) -> np.ndarray:
@@ -348,7 +358,8 @@ class JEIDNN(JEIDNNBase):
                     counts = torch.bincount(oracle_exits(ce_v, c, self.lambdas_[j]), minlength=km1 + 1)[:km1]
                     pos_w[j] = self.positive_weights(counts, n_val)
                 pos_history.append(pos_w.clone())
-        self.im_w_, self.im_b_, self.gate_w_, self.gate_b_ = (t.detach().clone() for t in (w, b, gw, gb))
+        self.im_w_, self.im_b_ = w.detach().clone(), b.detach().clone()
+        self.set_gates(gw.detach().clone(), gb.detach().clone())
         self.joint_epochs_run_ = n_joint
         # one row per mini-batch of the joint phase: (joint epoch 1.., batch index in epoch, 1 gate / 0 IM, lr)
         self.schedule_ = np.array(schedule, dtype=np.float64).reshape(-1, 4)
@@ -393,6 +404,6 @@ class JEIDNN(JEIDNNBase):
         logits = self.exit_head(k, features_k, point)
         if k == len(self.costs_) - 1:  # the last exit has no gate: everyone left leaves
             return logits, torch.ones(len(logits), dtype=torch.bool, device=logits.device), dict(state or {})
-        g = gate_probs(logits, self.gate_w_[j, k], self.gate_b_[j, k])
+        g = gate_probs(logits, *self.host_gate(j, k))
         cum = torch.zeros_like(g) if state is None else state[STATE_KEY]
         return logits, g >= 0.5 * (1 - cum), {STATE_KEY: cum + g}

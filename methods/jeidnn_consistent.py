@@ -213,7 +213,8 @@ class JEIDNNConsistent(JEIDNNBase):
                 loss.backward()
                 opt.step()
                 sched.step()
-        self.im_w_, self.im_b_, self.gate_w_, self.gate_b_ = best_state
+        self.im_w_, self.im_b_ = best_state[:2]
+        self.set_gates(*best_state[2:])
         self.best_epoch_, self.val_objective_, self.val_objective_history_ = best_epoch, best, history
         self.gate_grad_max_ = np.array(converged)  # per gate phase: the largest |gradient| left by L-BFGS
 
@@ -241,7 +242,7 @@ class JEIDNNConsistent(JEIDNNBase):
         logits = self.exit_head(k, features_k, point)
         if k == len(self.costs_) - 1:
             return logits, torch.ones(len(logits), dtype=torch.bool, device=logits.device), dict(state or {})
-        g = gate_probs(logits, self.gate_w_[j, k], self.gate_b_[j, k])
+        g = gate_probs(logits, *self.host_gate(j, k))
         return logits, g >= float(point.params.get("threshold", 0.5)), dict(state or {})
 
     def operating_points(self, task: Task, budgets) -> list[OperatingPoint]:
