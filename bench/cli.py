@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto",
                    help="auto (the default: CUDA when torch sees one, else CPU; printed first), cpu or cuda")
     r.add_argument("--threads", type=int, default=None, help="torch threads per job")
+    r.add_argument("--compile", action="store_true",
+                   help="train backbones with a torch.compile'd step (off by default: on a 2-core CPU it compiled for "
+                        "minutes and ran no faster; worth trying on a GPU). Its checkpoints are cached apart")
     r.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="PATH",
                    help="fine-tune pretrained weights: timm's hub weights of --backbone NAME, or a local "
                         ".safetensors/.pth checkpoint of it (its sha256 is recorded)")
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     cfg = RunConfig(methods=args.methods, dataset=args.dataset, backbone=args.backbone, seeds=args.seeds,
                     budgets=args.budgets or list(DEFAULT_BUDGETS), overrides=parse_set(args.overrides),
-                    pretrained=args.pretrained, device=args.device, threads=args.threads,
+                    pretrained=args.pretrained, device=args.device, threads=args.threads, compile=args.compile,
                     data_dir=args.data_dir, cache_dir=args.cache_dir, out=args.out, download=args.download,
                     timing=args.timing, timing_batch=args.timing_batch, timing_dtype=args.timing_dtype,
                     executor=args.executor,

@@ -150,3 +150,44 @@ def test_cache_keys_name_the_device_type_and_precision(digits):
     assert keys["cpu"] != keys["cuda"] and keys["cuda"] == keys["cuda:1"]  # the type, not the card's index
     trained = dataclasses.make_dataclass("B", ["key"])(keys["cpu"])
     assert F.feature_key(trained, "cpu") != F.feature_key(trained, "cuda")
+
+
+def test_compiled_training_compiles_the_step_and_is_cached_apart(digits, monkeypatch):
+    """``--compile``: inside ``compiled_training`` the shared training loop hands its loss to torch.compile (here a
+    recorder that returns it unchanged, so the weights are the eager ones), outside it does not; a compiled
+    checkpoint has its own cache key, and every other key is what it was (nothing named unless compiled)."""
+    from bench.backbones import base
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(fn) or fn)
+    cfg = dataclasses.replace(TINY, epochs=1)
+    x, y = digits.train_x[:200], digits.train_y[:200]
+    eager = ViT.train(cfg, x, y, x[:50], y[:50], 10, 0, "cpu")[0].state_dict()
+    assert calls == []
+    with base.compiled_training():
+        recorded = ViT.train(cfg, x, y, x[:50], y[:50], 10, 0, "cpu")[0].state_dict()
+    assert len(calls) == 1 and callable(calls[0]) and not base._COMPILE_TRAINING
+    assert all(torch.equal(eager[k], recorded[k]) for k in eager)
+    splits = make_splits(digits.train_y, len(digits.test_y), 0)
+    key = lambda compiled: backbone_key(ViT, TINY, digits.name, splits.sha256, 0, digits.source, "cpu", compiled)
+    assert key(True) != key(False)
+    assert base.arithmetic("cpu", True) == {"device_type": "cpu", "precision": "fp32"}  # the keys of eager runs
+    from bench.cli import build_parser
+    from bench.pipeline.config import RunConfig
+
+    assert build_parser().parse_args(["run", "--compile"]).compile
+    assert RunConfig(["threshold"], compile=True).run_id != RunConfig(["threshold"]).run_id
+
+
+@pytest.mark.slow
+def test_compiled_training_runs_for_real(digits):
+    """A real torch.compile'd training (inductor, minutes on 2 CPU cores): it trains and the validation accuracy
+    lands near the eager one's (compiled kernels round differently, so not bit-identical)."""
+    from bench.backbones import base
+
+    cfg = dataclasses.replace(TINY, epochs=2)
+    x, y = digits.train_x[:600], digits.train_y[:600]
+    eager = ViT.train(cfg, x, y, digits.train_x[600:900], digits.train_y[600:900], 10, 0, "cpu")[1]
+    with base.compiled_training():
+        compiled = ViT.train(cfg, x, y, digits.train_x[600:900], digits.train_y[600:900], 10, 0, "cpu")[1]
+    assert abs(compiled - eager) < 0.05, (compiled, eager)

@@ -155,6 +155,29 @@ def test_the_gpu_target_is_judged_per_method_on_cuda_only():
     assert common.FULL.timing_batch == 256 and early_exit.target_text(256).startswith("wall_rel <= 1.1 x macs_rel")
 
 
+def test_the_compile_check_times_vit_s16_compiled_against_eager(monkeypatch):
+    """The full check (``compile_check``) trains ViT-S/16 a second time with its step handed to torch.compile (a
+    recorder here: the real one compiles for minutes on a CPU), records the rate against eager and says so in the
+    markdown; the dry run leaves it out and says that too."""
+    import dataclasses
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(fn) or fn)
+    sizes = dataclasses.replace(common.DRY, compile_check=True, train_images=(64, 64), feature_images=(32, 32))
+    t = sections.throughput({"sizes": sizes, "device": "cpu"})
+    assert len(calls) == 1 and common.FULL.compile_check and not common.DRY.compile_check
+    comp = t["vit_s16_224_compiled"]
+    assert comp["train_images_per_s"] > 0 and comp["first_epoch_s"] > 0
+    assert comp["speedup"] == pytest.approx(comp["train_images_per_s"] / t["vit_s16_224"]["train_images_per_s"])
+    report = {"device_name": "CPU", "device": "cpu", "dry": False, "command": "make gpu-check", "torch": "2",
+              "date": "today", "total_seconds": 1.0, "git_sha": "0" * 40, "python": "3", "not_reached": [],
+              "sections": {"throughput": {"status": "ok", "seconds": 1.0, **t}}}
+    md = gpu_check.report.markdown(report)
+    assert f"{comp['speedup']:.2f}x eager" in md
+    del report["sections"]["throughput"]["vit_s16_224_compiled"]
+    assert "`--compile`: not measured in this check" in gpu_check.report.markdown(report)
+
+
 def test_the_full_check_is_estimated_within_its_eight_minutes():
     assert set(common.FULL.estimate_s) == {name for name, _ in gpu_check.SECTIONS} == set(common.DRY.estimate_s)
     assert sum(common.FULL.estimate_s.values()) <= common.FULL.time_limit_s <= 8 * 60

@@ -18,6 +18,7 @@ network's type or name:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -253,15 +254,34 @@ def use_fast_cuda(device: str | torch.device) -> bool:
     return True
 
 
-def arithmetic(device: str | torch.device, training: bool) -> dict[str, str]:
+def arithmetic(device: str | torch.device, training: bool, compiled: bool = False) -> dict[str, str]:
     """The device type and precision a network is trained or its features computed in (both join the cache
     keys: a bf16 GPU checkpoint or TF32 GPU features are never silently reused by a CPU run, nor the reverse).
     On CUDA training runs under bf16 autocast with TF32 matmuls and features in fp32 with TF32
-    (``use_fast_cuda``); on CPU both are plain fp32."""
+    (``use_fast_cuda``); on CPU both are plain fp32. A training step compiled by ``torch.compile`` (``--compile``)
+    fuses operations and so rounds differently: it is named too (and only then, so other keys stay as they were)."""
     kind = torch.device(device).type
+    extra = {"compile": "inductor"} if compiled and training else {}
     if kind != "cuda":
-        return {"device_type": kind, "precision": "fp32"}
-    return {"device_type": kind, "precision": "bf16-autocast+tf32" if training else "fp32+tf32"}
+        return {"device_type": kind, "precision": "fp32", **extra}
+    return {"device_type": kind, "precision": "bf16-autocast+tf32" if training else "fp32+tf32", **extra}
+
+
+_COMPILE_TRAINING = False
+
+
+@contextlib.contextmanager
+def compiled_training(enabled: bool = True):
+    """Within this block :func:`fit_epochs` compiles each network's training loss (forward and loss, so backward
+    too) with ``torch.compile`` (``bench run --compile``). Off by default: measured on this project's 2-core CPU
+    box, compiling the photo ViT's step took minutes and the compiled step was no faster; on a GPU the device
+    check measures it (``bench.gpu_check``'s compile section)."""
+    global _COMPILE_TRAINING
+    before, _COMPILE_TRAINING = _COMPILE_TRAINING, bool(enabled)
+    try:
+        yield
+    finally:
+        _COMPILE_TRAINING = before
 
 
 def fused_optimizer(device: str | torch.device) -> dict[str, bool]:
@@ -316,6 +336,8 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
     backbones pass ``channels_last``, and nothing waits for the GPU within an epoch (the loss is summed on the
     device and read once per epoch). On CPU the arithmetic is the same as it always was."""
     cuda = use_fast_cuda(device)
+    if _COMPILE_TRAINING:
+        batch_loss = torch.compile(batch_loss)
     gen = torch.Generator().manual_seed(seed)
     x_all = torch.from_numpy(np.ascontiguousarray(train_x))
     y_all = torch.from_numpy(np.asarray(train_y, dtype=np.int64))

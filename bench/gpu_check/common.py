@@ -54,6 +54,7 @@ class Sizes:
     ee_budget: float = 0.5  # the budget timed; a method with no point there takes the next feasible of these:
     ee_fallback_budgets: tuple[float, ...] = (0.6, 0.75, 1.0)
     dtype: str = "fp32"  # timing precision (timing_metrics's dtype, where it takes one)
+    compile_check: bool = False  # also time ViT-S/16's training step compiled (bench run --compile)
 
 
 # JEI-DNN: ``epochs`` is the official num_epoch, warm-up included; warm-up at most 2 epochs leaves at least 6 joint
@@ -84,9 +85,9 @@ FULL = Sizes(
     # 4096 images: ~20 s on 2 busy cores here), each point timed at batch 256 (8 passes) and on 64 single
     # images (~3 ms each); the CIFAR-10 run: 50 s of training, and ~100 s of decoding 60k JPEGs (~10 s), features,
     # fits on 45k images (JEI-DNN 8 epochs: the largest), timing and the report
-    estimate_s={"cuda_tests": 60, "runner_vs_simulation": 45, "throughput": 40, "early_exit_timing": 110,
+    estimate_s={"cuda_tests": 60, "runner_vs_simulation": 45, "throughput": 90, "early_exit_timing": 110,
                 "cifar10_from_scratch": 150},
-    estimate_for="one H100", time_limit_s=480.0)
+    estimate_for="one H100", time_limit_s=480.0, compile_check=True)
 DRY = Sizes(
     digits_vit=dict(img_size=8, patch_size=2, embed_dim=16, depth=3, num_heads=2, epochs=2, batch_size=128,
                     augment="none"),

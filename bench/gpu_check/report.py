@@ -96,6 +96,11 @@ def markdown(report: dict) -> str:
                         [[v["backbone"], v["timm_model"], v["img_size"], v["batch_size"], v["train_images_per_s"],
                           v["train_dtype"], v["feature_images_per_s"], v["feature_dtype"]]
                          for v in (t["vit_s16_224"], t["vit_cifar"])]) + [""]
+        comp = t.get("vit_s16_224_compiled")
+        lines += ([f"`--compile` (ViT-S/16, torch.compile'd training step): {_f(comp['train_images_per_s'])} img/s, "
+                   f"{comp['speedup']:.2f}x eager; first epoch {comp['first_epoch_s']:.0f} s (compiling) against "
+                   f"{comp['eager_first_epoch_s']:.0f} s eager.", ""] if comp else
+                  ["`--compile`: not measured in this check (the dry run skips it: minutes of compiling on a CPU).", ""])
     e = s.get("early_exit_timing", {})
     if e.get("backbones"):
         lines += _early_exit(e, on_cuda)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.backbones.base import BACKBONES, TrainedBackbone, use_fast_cuda
+from bench.backbones.base import BACKBONES, TrainedBackbone, compiled_training, use_fast_cuda
 from bench.cli import main as bench_main
 from bench.core.interface import METHODS, create_method, resolve_points
 from bench.gpu_check.common import (CUDA_TESTS, CUDA_TESTS_SELECT, FAST, ROOT, SectionFailed, SectionSkipped, find_data,
@@ -120,7 +120,7 @@ def _throughput(fields: dict, n_train: int, n_feat: int, device: str, seed: int 
               "train_dtype": train_dtype(device), "feature_images": n_feat,
               "feature_batch_size": cfg.eval_batch_size, "feature_images_per_s": n_feat / feat_s,
               "feature_dtype": inference_dtype(device), "inputs": "synthetic 32 px uint8, resized by the harness",
-              "val_accuracy": float(val_acc)}
+              "val_accuracy": float(val_acc), "first_epoch_s": history[0]["seconds"]}
     # a key of its own: methods that share heads memoise them per task key
     trained = TrainedBackbone(plugin, model, cfg, key=f"gpu-check-{plugin.label(cfg)}-{seed}",
                               val_accuracy=float(val_acc), best_epoch=int(best_epoch), history=history)
@@ -135,7 +135,15 @@ def throughput(ctx: dict) -> dict:
     vit_c, ctx["vit_cifar_backbone"] = _throughput(sizes.vit_cifar, sizes.train_images[1], sizes.feature_images[1],
                                                    device)
     ctx["cifar_train_rate"] = vit_c["train_images_per_s"]
-    return {"vit_s16_224": vit_s, "vit_cifar": vit_c}
+    out = {"vit_s16_224": vit_s, "vit_cifar": vit_c}
+    if sizes.compile_check:  # bench run --compile: does a torch.compile'd training step pay on this device?
+        with compiled_training():
+            comp, _ = _throughput(sizes.vit_s, sizes.train_images[0], sizes.feature_images[0], device)
+        out["vit_s16_224_compiled"] = {
+            "train_images_per_s": comp["train_images_per_s"], "first_epoch_s": comp["first_epoch_s"],
+            "eager_first_epoch_s": vit_s["first_epoch_s"],
+            "speedup": comp["train_images_per_s"] / vit_s["train_images_per_s"]}
+    return out
 
 
 def write_image_folder(root: Path, classes: int = 3, train: int = 24, test: int = 8, size: int = 16) -> Path:

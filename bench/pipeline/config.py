@@ -65,6 +65,7 @@ class RunConfig:
     timing: bool = False  # time real early exit on test (latency, throughput, wall_rel) per budget
     timing_batch: int = 256
     timing_dtype: str = "fp32"  # fp32 | bf16: the timed passes in plain fp32 or under bfloat16 autocast
+    compile: bool = False  # train backbones with torch.compile'd steps (--compile; joins the backbone cache key)
     executor: str = "sequential"  # sequential | local (process pool) | dask
     workers: int = 2  # local executor's processes
     scheduler: str | None = None  # dask scheduler address, tcp://HOST:PORT
@@ -141,7 +142,8 @@ class RunConfig:
                 "method_params": {m: create_method(m, self.method_overrides(m)).params() for m in self.methods},
                 "device": self.device,
                 # only when not the default, so the run ids of fp32 runs stay what they were
-                **({"timing_dtype": self.timing_dtype} if self.timing_dtype != "fp32" else {})}
+                **({"timing_dtype": self.timing_dtype} if self.timing_dtype != "fp32" else {}),
+                **({"compile": True} if self.compile else {})}
 
     @property
     def run_id(self) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench.backbones.base import BACKBONES, Backbone, TrainedBackbone, arithmetic
+from bench.backbones.base import BACKBONES, Backbone, TrainedBackbone, arithmetic, compiled_training
 from bench.base.hashing import atomic_write, config_hash
 from bench.base.locks import exclusive
 from bench.core.task import SplitData, Task
@@ -27,18 +27,18 @@ log = logging.getLogger(__name__)
 
 
 def backbone_key(plugin: type[Backbone], cfg, dataset: str, split_sha: str, seed: int, data_source: str,
-                 device: str | torch.device = "cpu") -> str:
+                 device: str | torch.device = "cpu", compiled: bool = False) -> str:
     return config_hash({"backbone": dataclasses.asdict(cfg), "plugin": plugin.name, "dataset": dataset,
                         "split": split_sha, "seed": seed, "data": data_source,
-                        "torch": torch.__version__.split("+")[0], **arithmetic(device, training=True), "v": 2})
+                        "torch": torch.__version__.split("+")[0], **arithmetic(device, True, compiled), "v": 2})
 
 
 def load_or_train_backbone(cache_dir: Path, plugin: type[Backbone], cfg, dataset: ImageDataset, splits: Splits,
-                           device: str = "cpu") -> TrainedBackbone:
+                           device: str = "cpu", compiled: bool = False) -> TrainedBackbone:
     """The backbone for (dataset, split, seed, config): from the checkpoint cache when a valid one exists,
     otherwise trained and saved. A checkpoint that fails to load safely or was made by another config is
     rebuilt, with a warning."""
-    key = backbone_key(plugin, cfg, dataset.name, splits.sha256, splits.seed, dataset.source, device)
+    key = backbone_key(plugin, cfg, dataset.name, splits.sha256, splits.seed, dataset.source, device, compiled)
     path = Path(cache_dir) / "backbones" / f"{dataset.name}-{plugin.name}-{key}.pt"
     cached = _load_checkpoint(path, plugin, cfg, key, dataset, device)
     if cached is not None:
@@ -48,10 +48,11 @@ def load_or_train_backbone(cache_dir: Path, plugin: type[Backbone], cfg, dataset
         if cached is not None:
             return cached
         tr, va = splits.train, splits.val
-        model, val_acc, best_epoch, history = plugin.train(
-            cfg, dataset.train_x[tr], dataset.train_y[tr], dataset.train_x[va], dataset.train_y[va],
-            dataset.num_classes, splits.seed, device,
-            desc=f"train backbone {plugin.label(cfg)} ({dataset.name}, seed {splits.seed})")
+        with compiled_training(compiled):
+            model, val_acc, best_epoch, history = plugin.train(
+                cfg, dataset.train_x[tr], dataset.train_y[tr], dataset.train_x[va], dataset.train_y[va],
+                dataset.num_classes, splits.seed, device,
+                desc=f"train backbone {plugin.label(cfg)} ({dataset.name}, seed {splits.seed})")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         atomic_write(path, lambda tmp: torch.save({"key": key, "state_dict": state, "val_accuracy": float(val_acc),
                                                    "best_epoch": int(best_epoch), "history": history,
@@ -117,6 +118,6 @@ def load_task(cfg: RunConfig, seed: int, network: str | None = None, dataset: Im
     splits = load_or_make_splits(cache, dataset.name, dataset.train_y, len(dataset.test_y), seed)
     device = resolve_device(cfg.device)
     backbone = load_or_train_backbone(cache, BACKBONES.get(network), cfg.backbone_config(network), dataset, splits,
-                                      device)
+                                      device, cfg.compile)
     feats = load_or_compute_features(cache, backbone, dataset, device)
     return LoadedTask(dataset, splits, backbone, build_task(dataset, splits, backbone, feats))
