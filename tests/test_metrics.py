@@ -66,3 +66,32 @@ def test_argument_validation():
         M.nll(np.array([[0.5, 0.5]]), np.array([2]))
     with pytest.raises(ValueError, match="NaN"):
         M.brier(np.array([[np.nan, 1.0]]), np.array([0]))
+
+
+# true-class (class 0) probability per exit of four samples: rises; falls 0.25 at 0->1; falls 0.125 then 0.375
+# (0.5 from exit 0 to exit 2); flat. Binary fractions, so every difference is exact.
+MONO_TRUE = np.array([[0.25, 0.5, 0.75], [0.5, 0.25, 0.75], [0.875, 0.75, 0.375], [0.5, 0.5, 0.5]]).T  # [K, N]
+
+
+@pytest.mark.parametrize("tau, overall, pairs", [
+    (0.0, 2 / 4, [2 / 4, 1 / 4]),      # any strict fall; the flat sample never counts
+    (0.25, 1 / 4, [0, 1 / 4]),         # a fall of exactly tau is no violation (the authors' diff >= -tau)
+    (0.375, 1 / 4, [0, 0]),            # only exit 0 -> exit 2 (not consecutive) falls by more than tau
+    (0.5, 0.0, [0, 0]),
+])
+def test_monotonicity_violation_hand_computed(tau, overall, pairs):
+    probs = np.stack([MONO_TRUE, 1 - MONO_TRUE], axis=-1)  # [K, N, 2]
+    got_overall, got_pairs = M.monotonicity_violation(probs, np.zeros(4, dtype=int), tau)
+    assert got_overall == overall
+    np.testing.assert_array_equal(got_pairs, pairs)
+
+
+def test_monotonicity_violation_edge_cases():
+    one_exit = np.full((1, 3, 2), 0.5)
+    assert M.monotonicity_violation(one_exit, np.zeros(3, dtype=int)) == (0.0, pytest.approx(np.zeros(0)))
+    with pytest.raises(ValueError, match=r"\[K, N, C\]"):
+        M.monotonicity_violation(np.full((3, 2), 0.5), np.zeros(3, dtype=int))
+    with pytest.raises(ValueError, match="tau"):
+        M.monotonicity_violation(np.full((2, 3, 2), 0.5), np.zeros(3, dtype=int), -0.1)
+    with pytest.raises(ValueError, match="targets must lie"):
+        M.monotonicity_violation(np.full((2, 3, 2), 0.5), np.full(3, 2))

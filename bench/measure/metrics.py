@@ -94,3 +94,31 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+MONOTONICITY_TAUS = (0.01, 0.1, 0.5)  # drops the harness reports (from the authors' list 0.01, 0.05, 0.1, 0.2, 0.5)
+
+
+def monotonicity_violation(probs: np.ndarray, targets: np.ndarray, tau: float = 0.0) -> tuple[float, np.ndarray]:
+    """Conditional monotonicity (Jazbec et al., NeurIPS 2023) of per-exit probabilities ``probs`` [K, N, C].
+
+    Returns (overall, per_pair [K-1]):
+    - overall: the share of samples whose true-class probability falls by more than ``tau`` from some exit i to
+      some later exit j > i (p_j(y) - p_i(y) < -tau): the authors' ``conditional_monotonicity_check`` (which
+      reports it in percent) for one threshold. Equivalently p_j(y) < max_{i<j} p_i(y) - tau for some j.
+    - per_pair[k]: the share of samples whose true-class probability falls by more than ``tau`` from exit k to
+      exit k+1 (p_{k+1}(y) - p_k(y) < -tau).
+    Comparisons in float64; ``tau`` >= 0 (0: any fall)."""
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
+    if probs.ndim != 3 or probs.shape[0] < 1:
+        raise ValueError(f"expected per-exit probabilities [K, N, C], got shape {probs.shape}")
+    _check_probs(probs.reshape(-1, probs.shape[2]), np.tile(targets, probs.shape[0]))
+    if not (np.isfinite(tau) and tau >= 0):
+        raise ValueError(f"tau must be a finite number >= 0, got {tau}")
+    p = probs[:, np.arange(probs.shape[1]), targets.astype(np.int64)]  # [K, N] true-class probability
+    if p.shape[0] == 1:
+        return 0.0, np.zeros(0)
+    per_pair = (p[1:] - p[:-1] < -tau).mean(axis=1)
+    # float subtraction is monotone in the subtrahend, so the largest earlier value decides "some i < j"
+    overall = (p[1:] - np.maximum.accumulate(p[:-1], axis=0) < -tau).any(axis=0).mean()
+    return float(overall), per_pair

@@ -70,6 +70,7 @@ def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPo
     decisions: list[dict] = []
     base_params = method.params()
     outputs = _Outputs(method, task)
+    monotonicity: dict = {}  # (split, id of the probabilities) -> values: points that share logits compute them once
     for split_name in splits:
         split = task.splits[split_name]
         n = len(split)
@@ -92,6 +93,7 @@ def evaluate_method(method: ExitMethod, task: Task, points: Sequence[OperatingPo
             r, d = _point_rows(method, task, split_name, split, probs, exit_idx, params, budget)
             rows += r
             decisions.append(d)
+            rows += monotonicity_rows(method, task, split_name, split, probs, params, budget, monotonicity)
             if split_name == "test" and hasattr(method, "exit_scores"):
                 rows += exit_score_rows(method, task, split, logits, probs, point, params, budget)
             if split_name == "test" and "cal" in task.splits:
@@ -117,6 +119,24 @@ def _point_rows(method, task, split_name, split, probs, exit_idx, params, budget
                 "params": canonical_json(params), "sample_id": split.sample_ids, "exit": exit_idx, "pred": pred,
                 "target": y, "confidence": conf}
     return rows, decision
+
+
+def monotonicity_rows(method: ExitMethod, task: Task, split_name: str, split, probs: np.ndarray, params: dict,
+                      budget, memo: dict) -> list[dict]:
+    """Conditional monotonicity of the point's per-exit softmax ``probs`` [K, N, C] (every exit, whatever the
+    point decides): ``monotonicity_violation`` per tau of ``MONOTONICITY_TAUS`` (``tau`` in params), with an empty
+    ``exit`` the share of samples whose true-class probability falls by more than tau from some exit to a later
+    one (Jazbec et al.'s definition), and with ``exit`` = k the share that falls from exit k to exit k+1."""
+    key = (split_name, id(probs))
+    if key not in memo:
+        memo[key] = (probs, [(tau, *M.monotonicity_violation(probs, split.labels, tau)) for tau in M.MONOTONICITY_TAUS])
+    rows, n = [], len(split)
+    for tau, overall, pairs in memo[key][1]:
+        row = partial(metric_row, split_name, task.seed, method.name, {**params, "tau": tau}, budget,
+                      "monotonicity_violation")
+        rows.append(row(overall, n))
+        rows += [row(v, n, k) for k, v in enumerate(pairs)]
+    return rows
 
 
 def exit_score_rows(method: ExitMethod, task: Task, split, logits: torch.Tensor, probs: np.ndarray,

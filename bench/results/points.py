@@ -33,8 +33,13 @@ REACHED, NOT_REACHED, INFEASIBLE = "reached", "not reached", "infeasible"
 ANCHOR_METRICS = ("accuracy", "macs_rel", "macs", "ece")
 CONFORMAL_METRICS = ("coverage", "set_size")
 CONFORMAL_KEYS = ("score", "scope", "alpha")
+# conditional monotonicity rows add the drop ``tau`` to the point's params
+MONOTONICITY_METRICS = ("monotonicity_violation",)
 NOT_NATIVE = ("budget", "val_macs_rel", "infeasible")
-SYMBOLS = {"lambda": "λ"}
+SYMBOLS = {"lambda": "λ", "risk_epsilon": "ε", "risk_delta": "δ", "risk_procedure": "rc", "risk_loss": "loss"}
+# a risk-controlled point (--risk) is named by its risk level and procedure; what cal chose (its threshold, its
+# cal risk) differs per seed and would split one point into one label per seed
+RISK_FITTED = ("threshold", "risk_cal", "risk_grid")
 TAG_COLUMNS = ["kind", "status", "point", "chosen", "val_cost"]
 
 
@@ -57,11 +62,13 @@ def parse_params(params) -> dict:
 
 
 def point_params(params, metric: str) -> str:
-    """The point's own params of a metric row: conformal rows' score / scope / alpha removed (canonical JSON)."""
-    if metric not in CONFORMAL_METRICS:
+    """The point's own params of a metric row: conformal rows' score / scope / alpha and monotonicity rows' tau
+    removed (canonical JSON)."""
+    extra = CONFORMAL_KEYS if metric in CONFORMAL_METRICS else ("tau",) if metric in MONOTONICITY_METRICS else ()
+    if not extra:
         return params if isinstance(params, str) else ""
     p = parse_params(params)
-    return canonical_json({k: v for k, v in p.items() if k not in CONFORMAL_KEYS})
+    return canonical_json({k: v for k, v in p.items() if k not in extra})
 
 
 def identity(params) -> str:
@@ -89,7 +96,8 @@ def native_label(params, base: dict) -> str:
     whose only knob is a ``budget`` key (the oracle's) reads ``budget=0.3``, or ``unconstrained`` when it is
     empty; a point with no knob at all reads ``own point``."""
     p = parse_params(params)
-    native = {k: v for k, v in sorted(p.items()) if k not in NOT_NATIVE and (k not in base or base[k] != v)}
+    skip = NOT_NATIVE + (RISK_FITTED if "risk_epsilon" in p else ())
+    native = {k: v for k, v in sorted(p.items()) if k not in skip and (k not in base or base[k] != v)}
     if native:
         return ", ".join(f"{SYMBOLS.get(k, k)}={_value(v)}" for k, v in native.items())
     if "budget" in p:

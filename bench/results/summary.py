@@ -215,3 +215,43 @@ def exit_score_table(df: pd.DataFrame) -> str | None:
             cells.append(f"{per_point.mean():.3f} [{per_point.min():.3f}, {per_point.max():.3f}]")
         lines.append(f"| {method_label(method)} | {int(k)} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+def monotonicity_table(df: pd.DataFrame, split: str = "test") -> str | None:
+    """Markdown table of conditional monotonicity (Jazbec et al., NeurIPS 2023; ``monotonicity_violation`` rows):
+    per method, the share of samples whose true-class probability falls by more than tau from an exit to any
+    later exit, one column per tau, and the consecutive exit pair with the most falls at the smallest tau. Means
+    over seeds per point (the method's own points if it has any, else its reached budget rows), then over its
+    points, with [min, max] over the points where they differ (a score rule's points share one set of heads, so
+    one value). None when the runs have no such rows (runs made before the metric existed)."""
+    d = df[(df["split"] == split) & (df["metric"] == "monotonicity_violation")]
+    if d.empty:
+        return None
+    t = tag_points(df[df["split"] == split])
+    t = t[(t["metric"] == "monotonicity_violation") & t["kind"].isin(("budget", "own"))]
+    t = t.assign(tau=[float(json.loads(p)["tau"]) for p in t["params"]],
+                 where=[p if k == "own" else f"b{b}" for p, k, b in zip(t["point"], t["kind"], t["budget"])])
+    taus = sorted(t["tau"].unique())
+    several = t.groupby("dataset")["backbone"].nunique().to_dict()
+    head = ["dataset", "method", *(f"τ = {tau:g}" for tau in taus), f"most falls k→k+1 (τ = {taus[0]:g})"]
+    lines = [f"Conditional monotonicity ({split}): the share of samples whose true-class probability falls by more "
+             "than τ from an exit to any later exit (Jazbec et al., NeurIPS 2023; lower is better), mean over seeds "
+             "and over the method's points, [min, max] over its points where they differ; and the consecutive exit "
+             "pair with the largest share of such falls:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (dataset, backbone, method), g in t.groupby(["dataset", "backbone", "method"], sort=False):
+        own = g[g["kind"] == "own"]
+        g = own if len(own) else g[g["status"] == REACHED]
+        if g.empty:
+            continue
+        cells = []
+        for tau in taus:
+            per_point = g[(g["tau"] == tau) & g["exit"].isna()].groupby("where")["value"].mean()
+            lo, hi = per_point.min(), per_point.max()
+            cells.append("—" if per_point.empty else f"{per_point.mean():.3f}" if np.isclose(lo, hi, atol=5e-4)
+                         else f"{per_point.mean():.3f} [{lo:.3f}, {hi:.3f}]")
+        pairs = g[(g["tau"] == taus[0]) & g["exit"].notna()].groupby("exit")["value"].mean()
+        cells.append("—" if pairs.empty else f"{int(pairs.idxmax())}→{int(pairs.idxmax()) + 1}: {pairs.max():.3f}")
+        name = with_backbone(method_label(method), backbone, several[dataset] > 1)
+        lines.append(f"| {dataset} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
