@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=_csv_list("integers", int), default=[0], help="e.g. 0,1,2 (default: 0)")
     r.add_argument("--budgets", type=_csv_list("numbers", float), default=None,
                    help="target macs_rel values in (0, 1] (default: 0.25,0.5,0.75,1.0)")
+    r.add_argument("--risk", type=_csv_list("numbers", float), default=None, metavar="EPS,...",
+                   help="risk levels in (0, 1): each score rule also gets the threshold that controls its risk "
+                        "against the last exit at that level, set on the cal split (instead of --budgets, or with "
+                        "it), e.g. --risk 0.01,0.02,0.05")
+    r.add_argument("--delta", type=float, default=None,
+                   help="with --risk: the confidence delta in (0, 1), P(test risk > eps) <= delta (default 0.1)")
+    r.add_argument("--risk-method", type=_csv_list("procedures", str), default=None, metavar="ucb|ltt|crc|naive",
+                   help="with --risk: the procedure(s), comma-separated: ucb (Waudby-Smith-Ramdas bound, the "
+                        "default), ltt (Learn-then-Test), crc (conformal risk control: risk <= eps in expectation) "
+                        "or naive (empirical risk, no guarantee)")
+    r.add_argument("--risk-loss", default=None, metavar="disagreement|accuracy",
+                   help="with --risk: the risk, disagreement (prediction differs from the last exit's; default) or "
+                        "accuracy (the accuracy drop against the last exit)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="TARGET.FIELD=VALUE",
                    help="override a field of a method (METHOD.FIELD), of the run's backbone (backbone.FIELD) or of "
                         "another network of the run (backbone.NAME.FIELD); repeatable")
@@ -116,9 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def risk_options(args) -> dict[str, Any]:
+    """RunConfig's risk fields from --risk / --delta / --risk-method / --risk-loss (the last three need --risk)."""
+    given = {k: v for k, v in (("risk_delta", args.delta), ("risk_methods", args.risk_method),
+                               ("risk_loss", args.risk_loss)) if v is not None}
+    if args.risk is None:
+        if given:
+            raise UserError("--delta, --risk-method and --risk-loss configure risk-controlled thresholds: add --risk "
+                            "EPS,... (risk levels in (0, 1)), or drop them.")
+        return {}
+    return {"risk": args.risk, **given}
+
+
 def cmd_run(args) -> int:
+    risk = risk_options(args)
+    # --risk alone evaluates the risk levels only; --budgets with it, both
+    budgets = args.budgets or ([] if risk else list(DEFAULT_BUDGETS))
     cfg = RunConfig(methods=args.methods, dataset=args.dataset, backbone=args.backbone, seeds=args.seeds,
-                    budgets=args.budgets or list(DEFAULT_BUDGETS), overrides=parse_set(args.overrides),
+                    budgets=budgets, overrides=parse_set(args.overrides), **risk,
                     pretrained=args.pretrained, device=args.device, threads=args.threads, compile=args.compile,
                     data_dir=args.data_dir, cache_dir=args.cache_dir, out=args.out, download=args.download,
                     timing=args.timing, timing_batch=args.timing_batch, timing_dtype=args.timing_dtype,

@@ -26,6 +26,7 @@ from bench.base.hashing import config_hash
 from bench.base.registry import unknown_name_message
 from bench.core.interface import METHODS, create_method
 from bench.pipeline.executors import EXECUTORS
+from bench.pipeline.risk_points import RiskSpec, check_spec
 from bench.pipeline.timing import TIMING_DTYPES
 from datasets import list_datasets
 
@@ -71,6 +72,16 @@ class RunConfig:
     scheduler: str | None = None  # dask scheduler address, tcp://HOST:PORT
     retries: int = 1  # extra attempts for a failed job before the run reports it
     argv: list[str] | None = None  # the command line that made this config (recorded in run.json)
+    # risk-controlled points of score rules (--risk, --delta, --risk-method, --risk-loss): empty risk, none
+    risk: list[float] = field(default_factory=list)
+    risk_delta: float = 0.1
+    risk_methods: list[str] = field(default_factory=lambda: ["ucb"])
+    risk_loss: str = "disagreement"
+
+    def risk_spec(self) -> RiskSpec | None:
+        if not self.risk:
+            return None
+        return RiskSpec(tuple(self.risk), self.risk_delta, tuple(self.risk_methods), self.risk_loss)
 
     # -- networks ---------------------------------------------------------------------------------------------
     @property
@@ -143,7 +154,9 @@ class RunConfig:
                 "device": self.device,
                 # only when not the default, so the run ids of fp32 runs stay what they were
                 **({"timing_dtype": self.timing_dtype} if self.timing_dtype != "fp32" else {}),
-                **({"compile": True} if self.compile else {})}
+                **({"compile": True} if self.compile else {}),
+                **({"risk": {"epsilons": self.risk, "delta": self.risk_delta, "procedures": self.risk_methods,
+                             "loss": self.risk_loss}} if self.risk else {})}
 
     @property
     def run_id(self) -> str:
@@ -201,6 +214,10 @@ def validate(cfg: RunConfig) -> None:
                         "bfloat16 support; use --timing-dtype fp32.")
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads {cfg.threads}: give a positive number of threads.")
+    if cfg.risk:
+        check_spec(cfg.risk_spec(), cfg.methods)
+    elif not cfg.budgets:
+        raise UserError("Nothing to evaluate: give --budgets (target costs) or --risk (risk levels), or both.")
     for m in cfg.methods:
         create_method(m, cfg.method_overrides(m))  # unknown fields, wrong types and ranges fail here
     for network in networks:  # field types, ranges and inconsistent sizes fail here, before any training

@@ -24,9 +24,11 @@ from bench.core.interface import create_method, resolve_points
 from bench.pipeline.config import RunConfig, resolve_device, validate
 from bench.pipeline.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.pipeline.executors import run_jobs
+from bench.pipeline.risk_points import risk_points, risk_rows
 from bench.pipeline.timing import DTYPE_LABELS, stage_inputs, static_timing, timing_lock, timing_metrics
 from bench.pipeline.tasks import LoadedTask, cache_dir_of, load_task
 from bench.results.files import decisions_frame, metrics_frame, provenance, source_state, write_csv, write_json
+from bench.results.risk_report import risk_table
 from bench.results.summary import summary_table
 from datasets import load_dataset
 
@@ -166,7 +168,10 @@ def run_job(cfg: RunConfig, seed: int, method_name: str) -> dict:
         return {"rows": [{**r, "backbone": label} for r in rows], "decisions": []}
     method = create_method(method_name, cfg.method_overrides(method_name)).fit(loaded.task)
     points = resolve_points(method, loaded.task, cfg.budgets)
-    rows, decisions = evaluate_method(method, loaded.task, points)
+    spec = cfg.risk_spec()
+    risky = risk_points(method, loaded.task, spec) if spec else []  # --risk: the score rule's certified points
+    rows, decisions = evaluate_method(method, loaded.task, points + risky)
+    rows += risk_rows(method, loaded.task, risky, spec) if spec else []
     if cfg.timing and not method.bound:
         rows += timing_rows(method, loaded, points, cfg)
     return {"rows": [{**r, "backbone": label} for r in rows], "decisions": decisions}
@@ -218,6 +223,8 @@ def execute(cfg: RunConfig, log=print) -> Path:
         df = metrics_frame(rows, run_id, dataset.name, labels[cfg.run_backbone],
                            {seed: info["split_sha256"] for seed, info in seeds_info.items()})
         summary = summary_table(df)
+        risk = risk_table(df)  # --risk: the risk-controlled points' risks and guarantee check
+        summary += f"\n\n{risk}" if risk else ""
         write_csv(decisions_frame(decisions), out / "decisions.csv.gz")
         write_csv(df, out / "metrics.csv")
         atomic_write_text(out / "summary.md", summary + "\n")

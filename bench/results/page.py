@@ -18,7 +18,9 @@ from bench.base.hashing import atomic_write_text
 from bench.results import plots
 from bench.results.report import (_check_split, _read_run_json, _use_agg, aggregate, choose_budget, compare,
                                   exit_distribution, load_decisions, load_runs, matched_cost_table, sweep_key)
-from bench.results.summary import exit_score_table, summary_table, timing_setup, timing_setup_text, timing_table
+from bench.results.risk_report import plot_risk_guarantee, risk_table
+from bench.results.summary import (exit_score_table, monotonicity_table, summary_table, timing_setup,
+                                   timing_setup_text, timing_table)
 
 
 FIGURE_TITLES = {"accuracy_vs_cost": "accuracy vs cost", "ece_vs_cost": "ECE vs cost",
@@ -92,6 +94,8 @@ def _section(run_dirs: Sequence[Path], name: str, df: pd.DataFrame, split: str, 
     chosen = choose_budget(agg, budget)
     dist = exit_distribution(df, chosen, split) if chosen is not None else None
     drawn = plots.figures(agg, dist, chosen, timing_setup_text(timing_setup(df)))
+    guarantee = plot_risk_guarantee(df)  # --risk runs only
+    drawn.update({"risk_guarantee": guarantee} if guarantee else {})
     figs = list(drawn)
     rendered = plots.render_all(drawn, ("png",) if draw else ())
     if len(run_dirs) == 1:
@@ -118,6 +122,12 @@ def _section(run_dirs: Sequence[Path], name: str, df: pd.DataFrame, split: str, 
     scores = exit_score_table(df)
     if scores:
         lines += ["", scores]
+    monotonicity = monotonicity_table(df, split)
+    if monotonicity:
+        lines += ["", monotonicity]
+    risk = risk_table(df)
+    if risk:
+        lines += ["", risk]
     lossy = [d for d in datasets if str(d).startswith(LOSSY_PREFIX)]
     if lossy:
         lines += ["", f"**{', '.join(lossy)}: the images are lossy JPEG re-encodings of CIFAR-10, not the official "

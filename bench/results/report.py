@@ -41,10 +41,11 @@ from bench.base.errors import UserError
 from bench.base.hashing import atomic_write_text
 from bench.results import plots
 from bench.results.files import METRIC_COLUMNS
+from bench.results.risk_report import plot_risk_guarantee, risk_table
 from bench.results.points import (INFEASIBLE, KINDS, NOT_REACHED, REACHED, combine_status, status_text,
                                   tag_points)
-from bench.results.summary import (method_label, seeds_text, timing_setup, timing_setup_text, timing_table,
-                                   with_backbone)
+from bench.results.summary import (method_label, monotonicity_table, seeds_text, timing_setup, timing_setup_text,
+                                   timing_table, with_backbone)
 
 OVERALL_METRICS = ("accuracy", "macs_rel", "macs", "ece", "nll", "brier", "auroc_misclassification")
 CONFORMAL_METRICS = ("coverage", "set_size")
@@ -671,6 +672,12 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     timing = timing_table(df)
     if timing:  # the timings are measured on the test split whatever --split says
         md += f"\n## Latency and throughput (test)\n\n{timing}\n"
+    monotonicity = monotonicity_table(df, split)
+    if monotonicity:
+        md += f"\n## Conditional monotonicity ({split})\n\n{monotonicity}\n"
+    risk = risk_table(df)
+    if risk:  # --risk runs: risk-controlled thresholds (bench.results.risk_report)
+        md += f"\n## Risk-controlled thresholds (test)\n\n{risk}\n"
     tex = _tex(*main_rows(agg, comparisons)) + "\n"
     _use_agg()
     out_dir = Path(out) if out is not None else Path(run_dirs[0]) / "report"
@@ -681,7 +688,9 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
         atomic_write_text(out_dir / name, text)
         files.append(out_dir / name)
     dist = exit_distribution(df, chosen, split) if chosen is not None else None
-    saved = plots.save_all(plots.figures(agg, dist, chosen, timing_setup_text(timing_setup(df))), out_dir)
+    figs = plots.figures(agg, dist, chosen, timing_setup_text(timing_setup(df)))
+    guarantee = plot_risk_guarantee(df)
+    saved = plots.save_all({**figs, **({"risk_guarantee": guarantee} if guarantee else {})}, out_dir)
     files += [path for paths in saved.values() for path in paths]
     return Report(markdown=md, out=out_dir, files=files)
 
