@@ -2,6 +2,4 @@
 each module's docstring is its method card."""
 from methods import entropy, oracle, patience, threshold  # noqa: F401  (registration side effect)
 from methods import boostednet, jeidnn, jeidnn_consistent, msdnet  # noqa: F401  (registration side effect)
-from methods import laplace  # noqa: F401  (registration side effect)
-from methods import anytime  # noqa: F401  (registration side effect)
-from methods import ztw  # noqa: F401  (registration side effect)
+from methods import anytime, laplace, sdn, ztw  # noqa: F401  (registration side effect)
