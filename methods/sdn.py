@@ -34,9 +34,8 @@ Method card
   head; the paper's CNN ICs (mixed max/average pooling then linear) are not built.
 - Deviations: an exit after every block (ztw_cv places none after the ViT's first block); ``--set
   sdn.sdn_loss`` / ``sdn.ic_max_weight`` set the fields of the network the method brings (they are in its
-  cache key); with ``--backbone NAME`` (a timm ViT) or ``--pretrained PATH`` the SDN network keeps the
-  dataset's default ViT (the run config hands those to the run's own backbone only): set them with
-  ``--set backbone.vit-sdn.model=NAME`` (and ``backbone.vit-sdn.pretrained=true``).
+  cache key); ``--backbone NAME`` (a timm ViT), ``--pretrained [PATH]`` and ``--set backbone.FIELD`` apply to
+  the SDN network as to the run's (the same architecture and starting weights, trained the SDN way).
 """
 from __future__ import annotations
 

@@ -110,6 +110,13 @@ def test_networks_and_cache_keys_carry_the_sdn_fields():
     assert len(keys) == 3
     assert RunConfig(methods=["sdn"], backbone="msdnet").method_backbone("sdn") == "msdnet-sdn"
     assert RunConfig(methods=["sdn"], backbone="vit-scratch").method_backbone("sdn") == "vit-scratch-sdn"
+    # the run's --backbone NAME, --pretrained and --set backbone.FIELD reach the SDN network (the same architecture
+    # and starting weights, trained the SDN way)
+    timm = RunConfig(methods=["sdn"], dataset="cifar10", backbone="deit_tiny_patch16_224", pretrained=True,
+                     overrides={"backbone": {"epochs": 2}})
+    sdn_cfg, run_cfg = timm.backbone_config("vit-sdn"), timm.backbone_config("vit")
+    assert (sdn_cfg.model, sdn_cfg.pretrained, sdn_cfg.epochs) == (run_cfg.model, run_cfg.pretrained,
+                                                                   run_cfg.epochs) == ("deit_tiny_patch16_224", True, 2)
 
 
 def test_ic_only_on_a_single_exit_network():

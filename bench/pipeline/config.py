@@ -111,10 +111,10 @@ class RunConfig:
         fields = {f.name for f in dataclasses.fields(plugin.Config)}
         changes: dict[str, Any] = {}
         given = self.overrides.get("backbone", {})
-        if issubclass(plugin, self.plugin()) and network != self.run_backbone:
-            # a variant of the run's backbone (BoostedNet's MSDNet on an MSDNet run) shares its architecture
-            changes.update({k: v for k, v in given.items() if "." not in k})
-        if network == self.run_backbone:
+        # a variant of the run's backbone (BoostedNet's MSDNet on an MSDNet run, SDN's ViT on a ViT run) shares its
+        # architecture and weights: --backbone NAME, --pretrained and --set backbone.FIELD apply to it too
+        variant = issubclass(plugin, self.plugin()) and network != self.run_backbone
+        if network == self.run_backbone or variant:
             changes.update(resolve_backbone(self.backbone or DEFAULT_BACKBONE)[1])
             if self.pretrained:
                 if "pretrained" not in fields:
