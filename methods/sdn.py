@@ -51,7 +51,8 @@ from torch import nn
 from bench.backbones.base import Heads, fit_epochs, fused_optimizer, register_backbone, warmup_cosine_schedule
 from bench.backbones.base import to_tensor
 from bench.backbones.msdnet import MSDNetBackbone, MSDNetConfig, predict_exit_logits
-from bench.backbones.vit import ViT, ViTConfig, ViTScratch, ViTStages, embed, exit_feature, head_logits
+from bench.backbones.vit import (ViT, ViTConfig, ViTScratch, ViTStages, embed, exit_feature, head_logits,
+                                 vit_optimizer)
 from bench.base.fields import bounded, choice
 from bench.core.interface import ScoreExitMethod, register_method
 from bench.core.task import Task
@@ -176,12 +177,7 @@ class _SDNViTMixin:
         epoch with the best validation accuracy of the final exit."""
         torch.manual_seed(seed)
         model = cls.create(cfg, in_chans=train_x.shape[-1], num_classes=num_classes).to(device)
-        fused = fused_optimizer(device)
-        if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
-                                  **fused)
-        else:
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        opt = vit_optimizer(model, cfg, device)
         loss, after_epoch = _epoch_loss(cfg, len(model.blocks) - 1)
 
         def validate() -> tuple[float, dict]:

@@ -160,18 +160,22 @@ def train_cascade(train: SplitData, val: SplitData, final: torch.Tensor, num_cla
     for epoch in tqdm(range(epochs), desc="train ztw heads", unit="epoch", leave=False, dynamic_ncols=True):
         total = 0.0
         for idx in _batches(n, batch_size, gen):
-            loss = ztw_loss(cas.forward(train.features[:, idx]), final[idx], y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
+            total += _step(opt, sched, ztw_loss(cas.forward(train.features[:, idx]), final[idx], y[idx])) * len(idx)
         history.append(total / n)
         with torch.no_grad():
             acc = np.array([(z.argmax(1) == yv).float().mean().item() for z in cas.forward(val.features)])
         if acc.mean() > best_mean:
             best, best_acc, best_epoch, best_mean = cas.snapshot(), acc, epoch + 1, float(acc.mean())
     return best, best_acc, best_epoch, history
+
+
+def _step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> float:
+    """One optimiser and schedule step on ``loss``; returns its value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 def log_probs(cas: Cascade, features: torch.Tensor) -> torch.Tensor:
@@ -202,12 +206,7 @@ def train_ensembles(logp: torch.Tensor, y: np.ndarray, logp_val: torch.Tensor, y
         total = 0.0
         for idx in _batches(n, batch_size, gen):
             outs = [geometric_ensemble(logp[idx, :k + 1], ws[k], b[k]) for k in range(k_heads)]
-            loss = ztw_loss(outs, final[idx], y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
+            total += _step(opt, sched, ztw_loss(outs, final[idx], y[idx])) * len(idx)
         history.append(total / n)
     with torch.no_grad():
         ws, b = [w.detach() for w in ws], b.detach()

@@ -81,6 +81,14 @@ PHOTO_DEFAULT = ViTConfig(model="vit_small_patch16_224.augreg_in21k_ft_in1k", pr
                           **FINETUNE)
 
 
+def vit_optimizer(model: torch.nn.Module, cfg, device) -> torch.optim.Optimizer:
+    """The ViT recipe's optimiser: AdamW, or SGD with momentum 0.9 (``cfg.optimizer``); fused on CUDA."""
+    fused = fused_optimizer(device)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
 @register_backbone("vit")
 class ViT(Backbone):
     """A timm ViT trained from scratch (small per-dataset defaults) or fine-tuned from timm's weights."""
@@ -202,12 +210,8 @@ class ViT(Backbone):
         the epoch with the best validation accuracy."""
         torch.manual_seed(seed)
         model = cls.create(cfg, in_chans=train_x.shape[-1], num_classes=num_classes).to(device)
-        fused = fused_optimizer(device)
-        if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
-                                  **fused)
-        else:
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        opt = vit_optimizer(model, cfg, device)
+
         def validate() -> tuple[float, dict]:
             return (predict_logits(model, val_x, cfg, device).argmax(1).numpy() == val_y).mean().item(), {}
 

@@ -1,7 +1,8 @@
 """Performance benchmarks (pytest-benchmark). They report; they do not flake: each asserts only properties
 that hold on any machine (equal results, well-formed rows), and prints the measured figures for the README.
 
-The cheap one runs in the default suite; the 12-block ViT ones are marked ``perf`` (``make bench-perf``).
+The cheap one runs once, untimed, in the default suite (``--benchmark-disable``); ``make bench-perf`` times it and
+the 12-block ViT ones (marked ``perf``).
 The perf tasks come from random-weight networks on structured random images: the task is built by
 ``bench.pipeline.tasks.build_task`` (the assembly ``load_task`` uses) from an in-memory dataset and an untrained
 ``TrainedBackbone``, since ``load_task`` itself would train the network first.
