@@ -5,6 +5,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a pretrained-weight lookup would otherwise hang ~45 s
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the tests' networks are tiny: one thread runs them faster than two, and the subprocesses some tests start (Dask
+# workers, a process pool) then do not oversubscribe a 2-core machine (OMP_NUM_THREADS=N before pytest overrides)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
