@@ -47,11 +47,11 @@ def _features_from_logp(logp: torch.Tensor) -> torch.Tensor:
 def _feature_columns(logp: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The four gate features of log-probabilities [..., C] as separate tensors [...]."""
     p = logp.exp()
-    p_logp = p * logp
-    ent = -p_logp.sum(-1)
+    ent = -(p * logp).sum(-1)
     # softmax(2z) = p^2 / S with S = sum p^2, so H(softmax(2z)) = log S - 2 sum(p^2 log p) / S: no second softmax
-    s = (p * p).sum(-1)
-    ent2 = s.log() - 2 * (p * p_logp).sum(-1) / s
+    p_sq = p * p
+    s = p_sq.sum(-1)
+    ent2 = s.log() - 2 * (p_sq * logp).sum(-1) / s
     # top-2 without topk (slow on CPU): the max, then the max of the others (a tied maximum gives margin 0)
     p1, i1 = p.max(-1)
     p2 = p.scatter(-1, i1.unsqueeze(-1), -1.0).amax(-1)
