@@ -24,7 +24,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
 
 bench-perf: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest tests/benchmarks -m "not slow" --benchmark-enable -s --benchmark-columns=min,median,max
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(VENV)/bin/python -m pytest tests/benchmarks -m "not slow" --benchmark-enable -s --benchmark-columns=min,median,max
 
 # The device check in one call (bench/gpu_check): CUDA tests, throughput, real early-exit timing, a short CIFAR-10
 # run; one JSON and one markdown file in $(OUT) (else results/gpu-check/). It runs on the interpreter GPU_PYTHON:
