@@ -20,8 +20,9 @@ $(STAMP): requirements.txt pyproject.toml
 demo: setup
 	$(VENV)/bin/python -m bench run --methods threshold,entropy --dataset digits
 
+# one pytest-xdist worker per core, each on one torch thread (tests/conftest.py): 140 s on 2 idle cores, 268 s serial
 test: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -n auto
 
 bench-perf: setup
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(VENV)/bin/python -m pytest tests/benchmarks -m "not slow" --benchmark-enable -s --benchmark-columns=min,median,max
