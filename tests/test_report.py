@@ -462,3 +462,17 @@ def test_the_results_page_says_whether_the_gpu_target_was_measured():
                             "backbone": ["vit_small_patch16_224-pretrained-224px"] * 2})
     assert gpu_target_note([cpu, old_gpu]).startswith("GPU target, unmeasured so far")
     assert gpu_target_note([cpu, new_gpu]).startswith("GPU target: real early exit")
+
+
+def test_page_commands_name_paths_a_reader_has():
+    """A run's command on the results page names the shared data as a checkout's reader has it, drops the cache
+    folder (it changes no number) and moves a /tmp output under results/runs; a command with nothing to change
+    is shown exactly as recorded."""
+    from bench.results.page import reader_command
+
+    assert reader_command("python -m bench run --data-dir /work/shared/data/cifar10-jpeg.tar.gz --seeds 0 "
+                          "--cache-dir /tmp/x/cache --out /tmp/x/fmnist") == (
+        "python -m bench run --data-dir ../shared/data/cifar10-jpeg.tar.gz --seeds 0 --out results/runs/fmnist")
+    kept = "python -m bench run --set jeidnn.lambdas=[0.1,1.0] --out results/runs/a"
+    assert reader_command(kept) == kept
+    assert reader_command("python -m bench run --set 'unbalanced") == "python -m bench run --set 'unbalanced"

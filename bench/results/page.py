@@ -38,6 +38,34 @@ def _command(run: dict) -> str:
     return cmd
 
 
+SHARED_DATA = "/shared/data/"  # the project's data folder, beside a checkout: ../shared/data/ to a reader
+
+
+def reader_command(cmd: str) -> str:
+    """The command as a reader of the page can run it from a checkout: a file of the shared data folder named by
+    the absolute path of the machine that ran it is named ``../shared/data/FILE``; ``--cache-dir`` (where the
+    caches lived, which changes no number) is dropped; an ``--out`` under /tmp becomes ``results/runs/NAME``.
+    The recorded command stays in run.json."""
+    try:
+        words = shlex.split(cmd)
+    except ValueError:
+        return cmd
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w == "--cache-dir" and i + 1 < len(words):
+            i += 2
+            continue
+        if out and out[-1] == "--out" and w.startswith("/tmp/"):
+            w = f"results/runs/{Path(w).name}"
+        elif w.startswith("/") and SHARED_DATA in w:
+            w = "../shared/data/" + w.split(SHARED_DATA, 1)[1]
+        out.append(w)
+        i += 1
+    return cmd if out == words else shlex.join(out)
+
+
 def machine_line(run: dict) -> str:
     """One line describing where and how the run ran, from run.json (only what it records)."""
     dev, ver, cfg = run.get("device", {}), run.get("versions", {}), run.get("config", {})
@@ -83,7 +111,7 @@ class _Section:
 def _provenance(run_dir: Path) -> list[str]:
     """The command block and machine line of one run."""
     run = _read_run_json(run_dir)
-    cmd = _command(run)
+    cmd = reader_command(_command(run))
     return [*(["```bash", cmd, "```"] if cmd else ["Command: not recorded (no run.json)."]), "", machine_line(run)]
 
 
