@@ -49,10 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.backbones.base import Heads, fit_epochs, fused_optimizer, register_backbone, warmup_cosine_schedule
-from bench.backbones.base import to_tensor
 from bench.backbones.msdnet import MSDNetBackbone, MSDNetConfig, predict_exit_logits
 from bench.backbones.vit import (ViT, ViTConfig, ViTScratch, ViTStages, embed, exit_feature, head_logits,
-                                 vit_optimizer)
+                                 predict_logits, vit_optimizer)
 from bench.base.fields import bounded, choice
 from bench.core.interface import ScoreExitMethod, register_method
 from bench.core.task import Task
@@ -143,15 +142,9 @@ def sdn_vit_forward(model, x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-@torch.no_grad()
 def predict_sdn_vit_logits(model, x_uint8: np.ndarray, cfg: ViTConfig, device: str = "cpu") -> torch.Tensor:
     """Every exit's logits [K, N, C]."""
-    model.eval()
-    out = []
-    for i in range(0, len(x_uint8), cfg.eval_batch_size):
-        xb = to_tensor(x_uint8[i:i + cfg.eval_batch_size], cfg.img_size, device)
-        out.append(torch.stack(sdn_vit_forward(model, xb)).float().cpu())
-    return torch.cat(out, dim=1)
+    return predict_logits(model, x_uint8, cfg, device, lambda m, xb: torch.stack(sdn_vit_forward(m, xb)), dim=1)
 
 
 class _SDNViTMixin:

@@ -365,10 +365,13 @@ class ViTStages:
 
 # ---- training -------------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict_logits(model, x_uint8: np.ndarray, cfg: ViTConfig, device: str = "cpu") -> torch.Tensor:
+def predict_logits(model, x_uint8: np.ndarray, cfg: ViTConfig, device: str = "cpu", forward=None, dim: int = 0
+                   ) -> torch.Tensor:
+    """``forward(model, images)`` (default: the model's logits [N, C]) over uint8 images in evaluation batches,
+    concatenated along ``dim`` on the CPU."""
     model.eval()
     out = []
     for i in range(0, len(x_uint8), cfg.eval_batch_size):
         xb = to_tensor(x_uint8[i:i + cfg.eval_batch_size], cfg.img_size, device)
-        out.append(model(xb).float().cpu())
-    return torch.cat(out)
+        out.append((model(xb) if forward is None else forward(model, xb)).float().cpu())
+    return torch.cat(out, dim=dim)
