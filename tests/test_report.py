@@ -427,8 +427,12 @@ def test_a_sweep_split_over_runs_is_aggregated_as_one(tmp_path):
     text = page.read_text()
     assert text.count("\n## ") == 1 and f"## toy — `{parts[0]}`, `{parts[1]}`" in text
     assert "One sweep run in 2 parts" in text
-    for seed, part in enumerate(parts):
-        assert f"Seed {seed} (`{part}`):" in text and f"python -m bench run --seeds {seed} --out {part}" in text
+    from bench.results.page import reader_command
+
+    for seed, part in enumerate(parts):  # each part's command, as a reader can run it (a /tmp --out moved)
+        cmd = reader_command(f"python -m bench run --seeds {seed} --out {part}")
+        assert f"Seed {seed} (`{part}`):" in text and f"{cmd}\n" in text
+        assert (f"--out results/runs/part-s{seed}" in cmd) == str(part).startswith("/tmp/")
     assert "| toy | threshold | 0.5 | 0.8500 ± 0.0707 | 0.505 ± 0.007 | 0.0250 ± 0.0071 | 2 |" in text
 
 
