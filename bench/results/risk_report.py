@@ -60,18 +60,21 @@ def plot_risk_guarantee(df: pd.DataFrame):
         return None
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 3.6))
+    # a colour per method, a line style and marker per procedure: many lines stay told apart
+    colours = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(w["method"]))}
+    styles = {p: ("-o", "--s", ":^", "-.v")[i % 4] for i, p in enumerate(dict.fromkeys(w["risk_procedure"]))}
     for (method, proc, loss), g in w.groupby(["method", "risk_procedure", "risk_loss"], sort=False):
         m = g.groupby("risk_epsilon")[["risk_violation_share", "risk_resplit_mean"]].mean()
         label = f"{method_label(method)} {proc}" + (f" ({loss})" if w["risk_loss"].nunique() > 1 else "")
-        a.plot(m.index, m["risk_violation_share"], marker="o", label=label)
-        b.plot(m.index, m["risk_resplit_mean"], marker="o", label=label)
+        a.plot(m.index, m["risk_violation_share"], styles[proc], color=colours[method], label=label)
+        b.plot(m.index, m["risk_resplit_mean"], styles[proc], color=colours[method], label=label)
     for delta in sorted(w["risk_delta"].unique()):
         a.axhline(delta, color="k", ls="--", lw=1)
     eps = np.array(sorted(w["risk_epsilon"].unique()))
     b.plot(eps, eps, color="k", ls="--", lw=1)
     a.set(xlabel="risk level ε", ylabel="share of re-splits with test risk > ε", title="violation share (δ dashed)")
     b.set(xlabel="risk level ε", ylabel="mean test risk over re-splits", title="mean risk (ε dashed)")
-    a.legend(fontsize=7)
+    b.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     return fig
