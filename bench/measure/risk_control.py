@@ -70,17 +70,20 @@ def _wsr_nu(x: np.ndarray, delta: float, bound: float) -> np.ndarray:
     return np.minimum(np.sqrt(2 * np.log(1 / delta) / n / sigma2), 1 / bound)
 
 
+def _wsr_kn(x: np.ndarray, nu: np.ndarray, mu, delta: float):
+    """The WSR statistic K_n(mu) per row of x [..., n] with betting fractions nu."""
+    return np.max(np.cumsum(np.log(1 - nu * (x - mu)), axis=-1), axis=-1) + np.log(delta)
+
+
 def _wsr_statistic(x: np.ndarray, delta: float, bound: float):
     nu = _wsr_nu(x, delta, bound)
-    return lambda mu: np.max(np.cumsum(np.log(1 - nu * (x - mu)))) + np.log(delta)
+    return lambda mu: _wsr_kn(x, nu, mu, delta)
 
 
 def ucb_below(losses: np.ndarray, epsilon: float, delta: float, bound: float = LOSS_BOUND) -> np.ndarray:
     """Per row of losses [G, n]: whether the WSR bound is < epsilon, i.e. ``K_n(epsilon) > 0`` (vectorised)."""
     x = np.asarray(losses, dtype=np.float64)
-    nu = _wsr_nu(x, delta, bound)
-    kn = np.max(np.cumsum(np.log(1 - nu * (x - epsilon)), axis=-1), axis=-1) + np.log(delta)
-    return kn > 0
+    return _wsr_kn(x, _wsr_nu(x, delta, bound), epsilon, delta) > 0
 
 
 def hb_p_value(risk, n: int, alpha: float, binary_loss: bool = False) -> np.ndarray:

@@ -17,10 +17,10 @@ from bench.base.errors import UserError
 from bench.base.hashing import atomic_write_text
 from bench.results import plots
 from bench.results.report import (_check_split, _read_run_json, _use_agg, aggregate, choose_budget, compare,
-                                  exit_distribution, load_decisions, load_runs, matched_cost_table, sweep_key)
-from bench.results.risk_report import plot_risk_guarantee, risk_table
-from bench.results.summary import (exit_score_table, monotonicity_table, summary_table, timing_setup,
-                                   timing_setup_text, timing_table)
+                                  exit_distribution, load_decisions, load_runs, matched_cost_table, run_figures,
+                                  sweep_key)
+from bench.results.risk_report import risk_table
+from bench.results.summary import exit_score_table, monotonicity_table, summary_table, timing_table
 
 
 FIGURE_TITLES = {"accuracy_vs_cost": "accuracy vs cost", "ece_vs_cost": "ECE vs cost",
@@ -121,9 +121,7 @@ def _section(run_dirs: Sequence[Path], name: str, df: pd.DataFrame, split: str, 
     agg = aggregate(df, split)
     chosen = choose_budget(agg, budget)
     dist = exit_distribution(df, chosen, split) if chosen is not None else None
-    drawn = plots.figures(agg, dist, chosen, timing_setup_text(timing_setup(df)))
-    guarantee = plot_risk_guarantee(df)  # --risk runs only
-    drawn.update({"risk_guarantee": guarantee} if guarantee else {})
+    drawn = run_figures(df, agg, dist, chosen)
     figs = list(drawn)
     rendered = plots.render_all(drawn, ("png",) if draw else ())
     if len(run_dirs) == 1:

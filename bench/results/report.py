@@ -22,7 +22,7 @@ difference is bootstrapped over the same (seed, sample_id) pairs pooled over see
 a difference whose 95 % percentile interval excludes 0 is marked ``*``. A point outside the reference's cost
 range (by more than 0.02) is not compared, and its row says why.
 
-Why one file of ~690 lines: loading, aggregation, matched-cost comparison and the report's tables are one pipeline
+Why one file of ~700 lines: loading, aggregation, matched-cost comparison and the report's tables are one pipeline
 over the same frames, read top to bottom; the results page, its other consumer, lives in ``page.py``.
 """
 from __future__ import annotations
@@ -190,21 +190,6 @@ def load_decisions(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------- aggregation
 
-def mean_std_ci(values) -> tuple[int, float, float, float]:
-    """(n, mean, std with ddof 1, half-width of the 95 % t interval) over the finite values."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    n = len(v)
-    if n == 0:
-        return 0, float("nan"), float("nan"), float("nan")
-    if n == 1:
-        return 1, float(v[0]), float("nan"), float("nan")
-    std = float(np.std(v, ddof=1))
-    return n, float(np.mean(v)), std, float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n))
-
-
 def _conformal_keys(params: str) -> tuple[str, str, float]:
     p = json.loads(params) if isinstance(params, str) and params else {}
     return str(p.get("score", "")), str(p.get("scope", "")), float(p.get("alpha", np.nan))
@@ -212,13 +197,14 @@ def _conformal_keys(params: str) -> tuple[str, str, float]:
 
 def _seed_statistics(d: pd.DataFrame) -> pd.DataFrame:
     """``aggregate``'s columns for the tagged rows ``d``, one row per group of ``GROUP_KEYS`` in the order the
-    groups first appear: the statistics of ``mean_std_ci`` over the finite values (vectorised: one groupby, not
-    a loop over thousands of groups), and per group its kind (the first row's), its status over the seeds
+    groups first appear: over the finite values, n, mean, std (ddof 1) and the half-width of the 95 % t interval
+    (NaN below 2 values; vectorised: one groupby, not a loop over thousands of groups), and per group its kind (the first row's), its status over the seeds
     (:func:`combine_status` of each seed's first row; ``reached`` for rows that are not budget rows), the seeds
     not reached and the largest validation cost."""
     from scipy import stats
 
-    d = d.assign(_v=d["value"].astype(float).where(np.isfinite(d["value"].astype(float))))
+    v = d["value"].astype(float)
+    d = d.assign(_v=v.where(np.isfinite(v)))
     first = ~d.duplicated([*GROUP_KEYS, "seed"])  # each seed's first row stands for the seed
     d["_status"] = d["status"].where(first, None)
     d["_not_reached"] = first & (d["status"] == NOT_REACHED)
@@ -673,6 +659,13 @@ def _use_agg() -> None:
     matplotlib.use("Agg")
 
 
+def run_figures(df: pd.DataFrame, agg: pd.DataFrame, dist: pd.DataFrame | None, budget: float | None) -> dict:
+    """name -> Figure for every figure of the runs: ``plots.figures`` and, for --risk runs, the guarantee's."""
+    figs = plots.figures(agg, dist, budget, timing_setup_text(timing_setup(df)))
+    guarantee = plot_risk_guarantee(df)
+    return {**figs, **({"risk_guarantee": guarantee} if guarantee else {})}
+
+
 def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, split: str = "test",
                  budget: float | None = None) -> Report:
     """Everything ``python -m bench report`` does. Inputs are validated before anything is written."""
@@ -701,9 +694,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
         atomic_write_text(out_dir / name, text)
         files.append(out_dir / name)
     dist = exit_distribution(df, chosen, split) if chosen is not None else None
-    figs = plots.figures(agg, dist, chosen, timing_setup_text(timing_setup(df)))
-    guarantee = plot_risk_guarantee(df)
-    saved = plots.save_all({**figs, **({"risk_guarantee": guarantee} if guarantee else {})}, out_dir)
+    saved = plots.save_all(run_figures(df, agg, dist, chosen), out_dir)
     files += [path for paths in saved.values() for path in paths]
     return Report(markdown=md, out=out_dir, files=files)
 
