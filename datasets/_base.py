@@ -1,17 +1,22 @@
-"""The in-memory dataset record and the name -> loader registry.
+"""The dataset record and the name -> loader registry.
 
 Every loader returns an :class:`ImageDataset`: uint8 images stored channels-last ``[N, H, W, C]`` (C=1 for
 grayscale), int64 labels ``[N]`` in ``0 .. num_classes-1``, the class names, and a ``source`` string that says
 which files were read and which checksums they matched, and optionally per-sample ids (``train_ids`` /
 ``test_ids``: e.g. the relative file paths of a user's image folder). Loaders are registered with
 ``@register_dataset("name")``; registering a name twice is an error.
+
+The images are a numpy array, or, for datasets larger than memory (ImageNet, a large image folder),
+:class:`datasets.lazy.LazyImages`, decoded on use. Code that may meet either selects images with
+:func:`take` (``x[idx]`` for an array, a view for lazy images) and walks them with :func:`iter_batches`
+(slices of an array; lazy images decoded in worker processes); ``x[i:j]``, ``x.shape`` and ``len(x)`` work on both.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -44,15 +49,17 @@ def register_dataset(name: str, *, accepts_files: bool = False) -> Callable[[Loa
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """A classification dataset held in memory (fixed train/test split).
+    """A classification dataset (fixed train/test split); labels are in memory, images in memory or lazy.
 
-    ``eq=False``: datasets compare by identity (element-wise array comparison has no single truth value).
+    ``train_x`` / ``test_x``: uint8 ``[N, H, W, C]`` numpy arrays, or :class:`datasets.lazy.LazyImages` (anything
+    with ``dtype``, ``ndim``, ``shape``, ``len``, slicing and ``take``). ``eq=False``: datasets compare by
+    identity (element-wise array comparison has no single truth value).
     """
 
     name: str
-    train_x: np.ndarray  # uint8 [N, H, W, C]
+    train_x: Any  # uint8 [N, H, W, C]: np.ndarray or LazyImages
     train_y: np.ndarray  # int64 [N]
-    test_x: np.ndarray  # uint8 [M, H, W, C]
+    test_x: Any  # uint8 [M, H, W, C]: np.ndarray or LazyImages
     test_y: np.ndarray  # int64 [M]
     num_classes: int
     classes: tuple[str, ...]
@@ -63,6 +70,9 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if not isinstance(x, np.ndarray) and not all(hasattr(x, a) for a in ("dtype", "ndim", "shape", "take")):
+                raise ValueError(f"{self.name}: {split}_x must be a uint8 [N,H,W,C] array or lazy images, got "
+                                 f"{type(x).__name__}")
             if x.dtype != np.uint8 or x.ndim != 4:
                 raise ValueError(f"{self.name}: {split}_x must be uint8 [N,H,W,C], got {x.dtype} {x.shape}")
             if y.dtype != np.int64 or y.shape != (x.shape[0],):
@@ -88,6 +98,30 @@ class ImageDataset:
             f"ImageDataset(name={self.name!r}, train={self.train_x.shape[0]}, test={self.test_x.shape[0]}, "
             f"image_shape={self.image_shape}, num_classes={self.num_classes})"
         )
+
+
+def take(x, idx):
+    """The images ``idx`` selects (integer array, boolean mask or slice): ``x[idx]`` for a numpy array, the view
+    ``x.take(idx)`` (nothing decoded) for lazy images."""
+    return x[idx] if isinstance(x, np.ndarray) else x.take(idx)
+
+
+def iter_batches(x, batch_size: int, order=None) -> Iterator[np.ndarray]:
+    """uint8 ``[b, H, W, C]`` batches of ``x`` in ``order`` (row numbers; default ``0..N-1``), ``batch_size`` at a
+    time (the last may be smaller): slices of a numpy array (views when ``order`` is None), or lazy images
+    decoded in worker processes (:meth:`datasets.lazy.LazyImages.batches`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(x, np.ndarray):
+        yield from x.batches(batch_size, order)
+        return
+    if order is None:
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size]
+        return
+    order = np.flatnonzero(order) if np.asarray(order).dtype == bool else np.asarray(order)
+    for i in range(0, len(order), batch_size):
+        yield x[order[i:i + batch_size]]
 
 
 def list_datasets() -> list[str]:

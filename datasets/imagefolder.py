@@ -19,8 +19,11 @@ their extension. Every other file inside a class folder must be an image Pillow 
 is an error that names it, not something silently dropped. Files outside the class folders (a ``README`` at
 the root or beside ``train/``) are ignored unless they have an image extension (then the error says that the
 image is in no class folder); other root folders beside ``train/`` and ``test/`` (``val/``) are ignored with a
-warning. Archives are read member by member in memory (never extracted); a member with an absolute path, a
-``..`` component, or that is a link or device is an error, as are duplicate members.
+warning. Archives are read member by member, never extracted: a zip by member; an uncompressed tar in place, by
+each member's byte offset; a compressed tar streamed with its members held in memory, or, above 1 GiB, from a copy
+decompressed once into the cache (:func:`datasets.imagefolder_lazy.plain_tar`). A member with an absolute path, a
+``..`` component, or that is a link or device is an error, as are duplicate members. File listing, reading and
+decoding live in :mod:`datasets._imagefiles`.
 
 Decoding. Pillow, with ``ImageFile.LOAD_TRUNCATED_IMAGES`` forced off while decoding (a truncated JPEG is an
 error naming the file, not a grey-filled image); EXIF orientation is applied; the first frame of an animated
@@ -41,35 +44,37 @@ first maps the archive's own sha256 (and the settings) to its entry, so a cached
 ``imagefolder:<sha256>:<layout, counts, size>``; it holds no path, so the same images give the same source (and
 the same backbone and feature caches) wherever they are; ``--data-dir`` itself is in run.json's config.
 
+Large sets are streamed. When no ``arrays.npz`` exists and the decoded images would exceed
+``$BENCH_IMAGEFOLDER_LAZY_BYTES`` (default 2 GiB), nothing is decoded into memory: ``train_x`` / ``test_x`` are
+:class:`datasets.lazy.LazyImages` with the same pixels, every file is decoded once in worker processes to check
+it (cached), and ``source`` ends in ``; streamed``. See :mod:`datasets.imagefolder_lazy`.
+
 The dataset's ``name`` is the folder or archive name without its extension (``cifar10-jpeg`` for
 ``cifar10-jpeg.tar.gz``). ``download`` is ignored. Every user-fixable problem raises
 :class:`bench.base.errors.UserError` naming the file or folder.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
-import io
 import json
 import logging
-import lzma
 import math
 import os
-import stat
-import tarfile
-import zipfile
-import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from bench.base.errors import UserError
 from bench.base.hashing import atomic_write, canonical_json, file_sha256
 
-from . import _files
+from . import _files, imagefolder_lazy
 from ._base import ImageDataset, register_dataset
+from ._imagefiles import (  # noqa: F401  (re-exported: the file rules and decoding live in _imagefiles)
+    GRAY_MODES, IGNORED_NAMES, IMAGE_EXTENSIONS, RESAMPLE, _decode, _is_image_name, _member_name, _skipped, _Tree,
+    _utf8, strict_decoding)
+from .imagefolder_lazy import choose_size
 
 log = logging.getLogger(__name__)
 
@@ -84,155 +89,9 @@ ARCHIVE_INDEX = "archives"  # <cache>/imagefolder/archives/<sha256(archive sha25
 FORMAT_VERSION = 1  # part of the cache key: bump when decoding changes
 SPLITS = ("train", "test")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-    ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".avif", ".heic", ".heif", ".pcx", ".sgi", ".im", ".dds"})
-IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})  # compared lower-case
-GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-RESAMPLE = Image.Resampling.BILINEAR
 HOLD_BYTES = 1 << 30  # decoded images held between the two steps of _decode_all; beyond it they are decoded again
-_ORIENTATION = 0x0112
 LAYOUT_HINT = ("Expected train/<class>/ and test/<class>/ folders, or one tree of <class>/ folders (a test part "
                "is then held out), optionally inside one top folder.")
-
-
-# ------------------------------------------------------------------------------------------------- entries
-
-
-def _skipped(part: str) -> bool:
-    """Hidden (``.name``) and system entries, skipped wherever they are."""
-    return part.startswith(".") or part.lower() in IGNORED_NAMES
-
-
-def _utf8(text: str) -> bytes:
-    """File names as bytes for hashing; names that are not valid UTF-8 keep their original bytes."""
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _is_image_name(name: str) -> bool:
-    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _member_name(raw: str, archive: Path, backslashes: bool) -> Optional[str]:
-    """The normalised relative path of an archive member (None for the root itself); UserError if unsafe."""
-    name = raw.replace("\\", "/") if backslashes else raw
-    parts = name.split("/")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":" and name[0].isalpha()) or ".." in parts:
-        raise UserError(
-            f"{archive} holds the member {raw!r}, an absolute path or one with '..'; such members could point "
-            f"outside the dataset and are refused. Rebuild the archive with relative member names (create it from "
-            f"the folder's parent directory)."
-        )
-    parts = [p for p in parts if p not in ("", ".")]
-    return "/".join(parts) or None
-
-
-class _Tree:
-    """The non-skipped files and folders of a folder or archive: ``files`` maps relative posix paths to what
-    :meth:`read` needs; ``where`` names an entry in messages."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.files: dict[str, object] = {}
-        self.dirs: set[str] = set()
-        self._zip: Optional[zipfile.ZipFile] = None
-        if path.is_dir():
-            self.kind = "folder"
-            self._walk()
-        elif path.name.lower().endswith(".zip"):
-            self.kind = "zip"
-            self._open_zip()
-        else:
-            self.kind = "tar"
-            self._read_tar()
-        for f in list(self.files) + list(self.dirs):  # folders implied by deeper entries
-            parts = f.split("/")
-            self.dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-
-    # -- sources
-    def _walk(self) -> None:
-        seen: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(self.path, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:  # a symlink loop
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            rel = Path(dirpath).relative_to(self.path).as_posix()
-            prefix = "" if rel == "." else rel + "/"
-            dirnames[:] = sorted(d for d in dirnames if not _skipped(d))
-            self.dirs.update(prefix + d for d in dirnames)
-            for f in filenames:
-                if not _skipped(f):
-                    self.files[prefix + f] = Path(dirpath) / f
-
-    def _open_zip(self) -> None:
-        try:
-            self._zip = zipfile.ZipFile(self.path)
-            infos = self._zip.infolist()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise UserError(f"{self.path} is not a readable zip archive ({type(e).__name__}: {e}). Check the file "
-                            f"or pass the extracted folder as --data-dir.") from None
-        for info in infos:
-            name = _member_name(info.filename, self.path, backslashes=True)
-            if name is None or any(_skipped(p) for p in name.split("/")):
-                continue
-            if info.is_dir():
-                self.dirs.add(name)
-                continue
-            kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the tool stored no Unix mode
-            if kind and kind != stat.S_IFREG:
-                raise UserError(f"{self.path}:{info.filename} is not a regular file (a link or device); the archive "
-                                f"must hold the image files themselves. Rebuild it without links.")
-            self._add(name, info)
-
-    def _read_tar(self) -> None:
-        try:
-            with tarfile.open(self.path, "r|*") as tar:
-                for info in tar:
-                    name = _member_name(info.name, self.path, backslashes=False)
-                    if name is None or any(_skipped(p) for p in name.split("/")):
-                        continue
-                    if info.isdir():
-                        self.dirs.add(name)
-                        continue
-                    if not info.isfile():
-                        raise UserError(f"{self.path}:{info.name} is not a regular file (a link or device); the "
-                                        f"archive must hold the image files themselves. Rebuild it without links "
-                                        f"(e.g. `tar --dereference`).")
-                    f = tar.extractfile(info)
-                    assert f is not None
-                    self._add(name, f.read())
-        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
-            raise UserError(f"{self.path} is not a readable tar archive ({type(e).__name__}: {e}). Check the file "
-                            f"(it may be truncated) or pass the extracted folder as --data-dir.") from None
-
-    def _add(self, name: str, item: object) -> None:
-        if name in self.files:
-            raise UserError(f"{self.path}:{name} appears twice in the archive; rebuild it so that every file "
-                            f"appears once.")
-        self.files[name] = item
-
-    # -- access
-    def where(self, rel: str) -> str:
-        return str(self.path / rel) if self.kind == "folder" else f"{self.path}:{rel}"
-
-    def read(self, rel: str) -> bytes:
-        item = self.files[rel]
-        try:
-            if self.kind == "folder":
-                return Path(item).read_bytes()  # type: ignore[arg-type]
-            if self.kind == "zip":
-                assert self._zip is not None
-                return self._zip.read(item)  # type: ignore[arg-type]
-            return item  # type: ignore[return-value]
-        except (OSError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError) as e:
-            raise UserError(f"{self.where(rel)} cannot be read ({type(e).__name__}: {e}). Check its permissions or "
-                            f"the archive, or remove the file.") from None
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
 
 
 # -------------------------------------------------------------------------------------------------- layout
@@ -351,6 +210,10 @@ def _size_setting() -> Optional[tuple[int, int]]:
     return size
 
 
+def _setting_text() -> str:
+    return f"{SIZE_ENV_VAR}={os.environ.get(SIZE_ENV_VAR)}"
+
+
 def _test_fraction() -> float:
     raw = os.environ.get(FRACTION_ENV_VAR, "").strip()
     if not raw:
@@ -386,36 +249,6 @@ def dataset_name(path: Path) -> str:
 # -------------------------------------------------------------------------------------------------- images
 
 
-def _decode(data: bytes, where: str, size: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """One file as uint8 ``[H, W]`` (grayscale modes) or ``[H, W, 3]`` (any other mode), EXIF orientation applied,
-    resized to ``size`` = (width, height) when given. UserError naming ``where`` if it is not a readable image."""
-    try:
-        im = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise UserError(f"{where} is not an image (Pillow cannot identify it). Only images may sit in the class "
-                        f"folders (hidden files such as .DS_Store are skipped): remove or move it.") from None
-    except Image.DecompressionBombError as e:
-        raise UserError(f"{where} is too large to decode safely ({e}). Downscale it, or remove it.") from None
-    except Exception as e:  # noqa: BLE001  (any failure to parse a damaged header)
-        raise UserError(f"{where} is a damaged image ({type(e).__name__}: {e}). Replace or remove it.") from None
-    try:
-        with im:
-            im.load()
-            img = im
-            if im.getexif().get(_ORIENTATION, 1) != 1:
-                img = ImageOps.exif_transpose(im)
-            mode = "L" if img.mode in GRAY_MODES else "RGB"
-            if img.mode != mode:
-                if img.mode == "P" and "transparency" in img.info:
-                    img = img.convert("RGBA")
-                img = img.convert(mode)
-            if size is not None and img.size != size:
-                img = img.resize(size, RESAMPLE)
-            return np.asarray(img, dtype=np.uint8)
-    except Exception as e:  # noqa: BLE001  (truncated data, corrupt streams: any decoder failure)
-        raise UserError(f"{where} is truncated or corrupt ({type(e).__name__}: {e}). Replace or remove it.") from None
-
-
 def _decode_all(tree: _Tree, prefix: str, samples: dict[str, list[tuple[str, int]]], size_setting, name: str
                 ) -> tuple[dict[str, np.ndarray], str]:
     """``{"train_x", "test_x"}`` and a note on the size and mode. Every file is decoded once; the decoded images
@@ -425,9 +258,7 @@ def _decode_all(tree: _Tree, prefix: str, samples: dict[str, list[tuple[str, int
     sizes: list[tuple[int, int]] = []
     gray = True
     total = 0
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey-filled image
-    try:
+    with strict_decoding():  # a truncated file is an error, never a grey-filled image
         for r in rels:
             a = _decode(tree.read(r), tree.where(r), size_setting)
             sizes.append((a.shape[1], a.shape[0]))
@@ -435,15 +266,7 @@ def _decode_all(tree: _Tree, prefix: str, samples: dict[str, list[tuple[str, int
             keep = total + a.nbytes <= HOLD_BYTES
             held.append(a if keep else None)
             total += a.nbytes if keep else 0
-        mode, c = ("L", 1) if gray else ("RGB", 3)
-        counts = collections.Counter(sizes)
-        if size_setting is None:
-            size = max(counts, key=lambda s: (counts[s], s[0] * s[1], s))
-            how = f"the most common size, {counts[size]} of {len(rels)} images"
-        else:
-            size = size_setting
-            how = f"{SIZE_ENV_VAR}={os.environ.get(SIZE_ENV_VAR)}"
-        note = f"{size[0]}x{size[1]} {mode} ({how}; {len(rels) - counts.get(size, 0)} resized)"
+        size, c, note = choose_size(sizes, gray, size_setting, _setting_text())
         log.warning("%s: decoded %d images to %s%s", name, len(rels), note,
                     "" if size_setting else f"; set {SIZE_ENV_VAR}=WxH to choose the size")
         w, h = size
@@ -460,8 +283,6 @@ def _decode_all(tree: _Tree, prefix: str, samples: dict[str, list[tuple[str, int
                     a = np.asarray(Image.fromarray(a).resize(size, RESAMPLE))
                 x[j] = a.reshape(h, w, -1)  # a gray image in an RGB set: its channel is repeated, as convert does
                 i += 1
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
     return out, note
 
 
@@ -514,16 +335,21 @@ def load_imagefolder(data_dir: Optional[Path], download: bool) -> ImageDataset:
     size_setting = _size_setting()
     name = dataset_name(path)
     root = _cache_root() / CACHE_SUBDIR
-    index = None
+    index = archive_sha = plain = None
     if not path.is_dir():  # an archive: its own sha256 may already name the cache entry (no tar parsing then)
         settings = canonical_json({"v": FORMAT_VERSION, "size": os.environ.get(SIZE_ENV_VAR, "").strip().lower(),
                                    "fraction": os.environ.get(FRACTION_ENV_VAR, "").strip()})
-        index = root / ARCHIVE_INDEX / hashlib.sha256(f"{file_sha256(path)} {settings}".encode()).hexdigest()
+        archive_sha = file_sha256(path)
+        index = root / ARCHIVE_INDEX / hashlib.sha256(f"{archive_sha} {settings}".encode()).hexdigest()
         key = _read_index(index)
         cached = _load_cached(root / key / CACHE_FILE, key, name) if key else None
+        if cached is None and key:  # streamed before (imagefolder_lazy): its member locations are cached
+            cached = imagefolder_lazy.reopen_archive(root, key, index, path, archive_sha, name)
         if cached is not None:
             return cached
-    tree = _Tree(path)
+        if not path.name.lower().endswith(".zip"):  # a tar: read by offset when uncompressed or large
+            plain = imagefolder_lazy.plain_tar(path, archive_sha, root)
+    tree = _Tree(path) if plain is None else _Tree(path, plain)
     try:
         layout = _Layout(tree)
         fraction = None if layout.split_layout else _test_fraction()
@@ -531,16 +357,20 @@ def load_imagefolder(data_dir: Optional[Path], download: bool) -> ImageDataset:
         key = _cache_key(tree, layout.prefix, samples, size_setting, fraction)
         cache_file = root / key / CACHE_FILE
         dataset = _load_cached(cache_file, key, name)
-        if dataset is None:
-            arrays, note = _decode_all(tree, layout.prefix, samples, size_setting, name)
-    finally:
-        tree.close()
-    if dataset is None:
         if layout.split_layout:
             how = "train/ and test/ class folders"
         else:
             how = (f"one tree of class folders, test part held out (fraction {fraction}, stratified, sha256 of "
                    f"the path with seed {HOLDOUT_SEED})")
+        if dataset is None:  # above $BENCH_IMAGEFOLDER_LAZY_BYTES decoded: streamed, not decoded here
+            dataset = imagefolder_lazy.load_streamed(
+                tree, layout.prefix, samples, layout.classes, key, name, root, size_setting, _setting_text(), how,
+                None if index is None else (index, archive_sha))
+        if dataset is None:
+            arrays, note = _decode_all(tree, layout.prefix, samples, size_setting, name)
+    finally:
+        tree.close()
+    if dataset is None:
         n_train, n_test = len(samples["train"]), len(samples["test"])
         source = (f"imagefolder:{key}:{how}; {n_train} train + {n_test} test images, {len(layout.classes)} "
                   f"classes; {note}")

@@ -66,7 +66,8 @@ def one_paragraph(msg: str) -> bool:
 
 
 def test_list_datasets_sorted():
-    assert list_datasets() == ["cifar10", "cifar100", "cifar100-lt", "digits", "fashion-mnist", "imagefolder", "svhn"]
+    assert list_datasets() == ["cifar10", "cifar100", "cifar100-lt", "digits", "fashion-mnist", "imagefolder",
+                               "imagenet", "svhn"]
 
 
 def test_unknown_name_suggests():
@@ -577,7 +578,8 @@ def test_svhn_missing_names_files(tmp_path):
 
 
 def test_package_exports():
-    assert set(datasets.__all__) == {"ImageDataset", "list_datasets", "load_dataset", "register_dataset"}
+    assert set(datasets.__all__) == {"ImageDataset", "LazyImages", "iter_batches", "list_datasets", "load_dataset",
+                                     "register_dataset", "take"}
 
 
 def test_cifar10_jpeg_rebuilds_the_photo_archive_from_the_official_files(tmp_path, monkeypatch, capsys):
