@@ -64,25 +64,35 @@ def test_checkpoint_cache_reuses_and_rebuilds(tmp_path, digits, monkeypatch, cap
 
 
 def test_feature_cache_detects_corruption_and_foreign_keys(tmp_path, digits, monkeypatch, caplog):
+    """Through a trained backbone: computed once, then read back; a damaged split file is gathered again from the
+    shards, a damaged shard or a foreign header recomputes that array. (Every kind of damage, the hashing rules
+    and the memory mapping: tests/test_feature_store.py.)"""
     splits = make_splits(digits.train_y, len(digits.test_y), 0)
     backbone = load_or_train_backbone(tmp_path, ViT, TINY, digits, splits)
     calls = []
-    real = F.compute_features
-    monkeypatch.setattr(F, "compute_features", lambda *a, **k: calls.append(1) or real(*a, **k))
-    a = F.load_or_compute_features(tmp_path, backbone, digits)
-    assert a["train"].shape == (3, len(digits.train_y), 32) and a["test"].shape == (3, len(digits.test_y), 32)
-    b = F.load_or_compute_features(tmp_path, backbone, digits)
-    assert len(calls) == 2 and torch.equal(a["test"], b["test"])  # 2 = train + test, computed once
+    real = F.write_feature_range
+    monkeypatch.setattr(F, "write_feature_range", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = F.load_or_compute_features(tmp_path, backbone, digits, splits)
+    assert {k: tuple(v.shape) for k, v in a.items()} == {
+        "train": (3, len(splits.train), 32), "val": (3, len(splits.val), 32), "cal": (3, len(splits.cal), 32),
+        "test": (3, len(digits.test_y), 32)}
+    b = F.load_or_compute_features(tmp_path, backbone, digits, splits)
+    assert len(calls) == 2 and torch.equal(a["test"], b["test"])  # 2 = train + test arrays, computed once
+    want = {k: v.clone() for k, v in a.items()}
     key = F.feature_key(backbone)
-    path, meta = F.feature_paths(tmp_path, digits.name, key)
+    directory = F.feature_dir(tmp_path, digits.name, key)
+    path = directory / "split-test.npy"
     raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF  # one flipped byte
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte (writing it moves the mtime)
     path.write_bytes(bytes(raw))
-    c = F.load_or_compute_features(tmp_path, backbone, digits)
-    assert len(calls) == 4 and "sha256 mismatch" in caplog.text and torch.equal(c["test"], a["test"])
-    meta.write_text(meta.read_text().replace(key, "0" * len(key)))
-    F.load_or_compute_features(tmp_path, backbone, digits)
-    assert len(calls) == 6 and "built for key" in caplog.text
+    c = F.load_or_compute_features(tmp_path, backbone, digits, splits)
+    assert len(calls) == 2 and "sha256 mismatch" in caplog.text and torch.equal(c["test"], want["test"])
+    for group in ("test", "splits"):
+        header = F.header_path(directory, group)
+        header.write_text(header.read_text().replace(key, "0" * len(key)))
+    d = F.load_or_compute_features(tmp_path, backbone, digits, splits)
+    assert len(calls) == 3 and "built for key" in caplog.text  # the test array again, not the train array
+    assert all(torch.equal(d[k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("mode", ["crop", "crop_flip"])

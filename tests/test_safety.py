@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -57,18 +58,22 @@ def test_a_planted_checkpoint_is_never_executed(tmp_path, digits, caplog):
 
 
 def test_a_planted_feature_cache_is_never_executed(tmp_path, digits, caplog):
+    """A pickled object array planted as a split file, with a header whose sha256, size and mtime all match: the
+    loader refuses it (np.load(allow_pickle=False)), says so and rebuilds."""
     splits = make_splits(digits.train_y, len(digits.test_y), 0)
     backbone = load_or_train_backbone(tmp_path, ViT, TINY, digits, splits)
-    key = F.feature_key(backbone)
-    path, meta = F.feature_paths(tmp_path, digits.name, key)
+    first = F.load_or_compute_features(tmp_path, backbone, digits, splits)["test"].clone()
+    directory = F.feature_dir(tmp_path, digits.name, F.feature_key(backbone))
     marker = tmp_path / "PWNED"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"train": Planted(marker), "test": Planted(marker)}, path)
-    # a consistent sidecar: the sha256 check passes, so only the safe loader stands in the way
-    meta.write_text(json.dumps({"key": key, "sha256": file_sha256(path)}))
-    feats = F.load_or_compute_features(tmp_path, backbone, digits)
-    assert not marker.exists() and "unusable" in caplog.text
-    assert feats["test"].shape == (3, len(digits.test_y), 32)
+    path = directory / "split-test.npy"
+    np.save(path, np.array([Planted(marker)], dtype=object), allow_pickle=True)
+    header = json.loads(F.header_path(directory, "splits").read_text())
+    entry = next(e for e in header["files"] if e["name"] == path.name)
+    entry.update(sha256=file_sha256(path), size=path.stat().st_size, mtime_ns=path.stat().st_mtime_ns)
+    F.header_path(directory, "splits").write_text(json.dumps(header))
+    feats = F.load_or_compute_features(tmp_path, backbone, digits, splits)
+    assert not marker.exists() and "unusable" in caplog.text and "split-test.npy: " in caplog.text
+    assert feats["test"].shape == (3, len(digits.test_y), 32) and torch.equal(feats["test"], first)
 
 
 def test_a_lock_held_by_a_live_process_makes_others_wait(tmp_path):

@@ -1,12 +1,13 @@
 """Stable hashes and atomic file writes shared by the caches and the result writer."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 
 def canonical_json(obj: Any) -> str:
@@ -64,6 +65,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[str]]:
+    """Temporary files next to ``paths`` (created as ``atomic_write`` creates its one) for the block to fill
+    together; on a clean exit each is fsynced and renamed onto its path, on an error all are removed. Each rename
+    is atomic, the set is not: a cache that writes several files this way commits them with a header written
+    last."""
+    paths = [Path(p) for p in paths]
+    tmps: list[str] = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmps.append(_create_temp(path.parent, path.name))
+        yield list(tmps)
+        for tmp, path in zip(tmps, paths):
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

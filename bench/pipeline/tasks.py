@@ -1,6 +1,8 @@
 """Task loading: for one seed and one network, the split, the trained backbone (from the checkpoint cache or
 trained and saved), its cached exit features and the ``Task`` methods see. ``load_task`` is the public entry
-point (the run, the investigation scripts and the perf tests use it) so nobody assembles a task by hand.
+point (the run, the investigation scripts and the perf tests use it) so nobody assembles a task by hand. The
+features arrive one file per split, memory-mapped (``bench.pipeline.features``): building a Task reads none of
+them into memory.
 
 Checkpoints hold tensors and plain numbers only and are read with ``torch.load(weights_only=True)``: nothing a
 cache holds can run code.
@@ -12,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.backbones.base import BACKBONES, Backbone, TrainedBackbone, arithmetic, compiled_training
@@ -82,11 +85,23 @@ def _load_checkpoint(path: Path, plugin: type[Backbone], cfg, key: str, dataset:
 
 def build_task(dataset: ImageDataset, splits: Splits, backbone: TrainedBackbone, feats: dict[str, torch.Tensor]
                ) -> Task:
+    """The Task from in-memory features of the dataset's whole arrays ({"train": [K, N_train, D], "test":
+    [K, N_test, D]}, e.g. ``compute_features``'), each split's rows indexed out (copies)."""
+    per_split = {name: feats["train"][:, torch.from_numpy(splits[name])] for name in ("train", "val", "cal")}
+    whole = np.array_equal(splits.test, np.arange(feats["test"].shape[1]))  # the usual case: no copy
+    per_split["test"] = feats["test"] if whole else feats["test"][:, torch.from_numpy(splits.test)]
+    return task_from_split_features(dataset, splits, backbone, per_split)
+
+
+def task_from_split_features(dataset: ImageDataset, splits: Splits, backbone: TrainedBackbone,
+                             feats: dict[str, torch.Tensor]) -> Task:
+    """The Task from each split's features ({"train", "val", "cal", "test"}: [K, n, D], rows in ``splits``'
+    order), used as given: the cache's memory-mapped tensors stay on disk until a method touches them."""
     parts = {}
     for name in ("train", "val", "cal"):
         idx = splits[name]
-        parts[name] = SplitData(feats["train"][:, torch.from_numpy(idx)], dataset.train_y[idx], idx)
-    parts["test"] = SplitData(feats["test"], dataset.test_y, splits.test)
+        parts[name] = SplitData(feats[name], dataset.train_y[idx], idx)
+    parts["test"] = SplitData(feats["test"], dataset.test_y[splits.test], splits.test)
     heads = backbone.plugin.heads(backbone.model)
     return Task(dataset.name, splits.seed, dataset.num_classes, parts, heads.weight, heads.bias,
                 backbone.plugin.macs(backbone.model.cpu()), key=backbone.key, split_sha256=splits.sha256,
@@ -119,5 +134,5 @@ def load_task(cfg: RunConfig, seed: int, network: str | None = None, dataset: Im
     device = resolve_device(cfg.device)
     backbone = load_or_train_backbone(cache, BACKBONES.get(network), cfg.backbone_config(network), dataset, splits,
                                       device, cfg.compile)
-    feats = load_or_compute_features(cache, backbone, dataset, device)
-    return LoadedTask(dataset, splits, backbone, build_task(dataset, splits, backbone, feats))
+    feats = load_or_compute_features(cache, backbone, dataset, splits, device)  # memory-mapped, per split
+    return LoadedTask(dataset, splits, backbone, task_from_split_features(dataset, splits, backbone, feats))

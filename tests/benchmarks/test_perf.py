@@ -9,6 +9,7 @@ The perf tasks come from random-weight networks on structured random images: the
 """
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from bench.backbones.vit import ViT, ViTConfig
 from bench.core.interface import create_method, resolve_points
 from bench.core.task import synthetic_task
 from bench.pipeline.evaluate import evaluate_method
-from bench.pipeline.features import compute_features
+from bench.pipeline.features import compute_features, load_or_compute_features
 from bench.pipeline.runner import run_early_exit
 from bench.pipeline.timing import time_call
 from bench.pipeline.splits import Splits
@@ -109,7 +110,8 @@ def random_backbone(plugin, cfg, seed: int) -> TrainedBackbone:
 
 
 def image_task(backbone: TrainedBackbone, n_fit=1024, n_test=256, seed=0):
-    """The task from the network's own exit features on ``image_dataset``, and that dataset."""
+    """The task from the network's own exit features (computed in memory) on ``image_dataset``, and that
+    dataset."""
     from bench.pipeline.tasks import build_task
 
     ds, splits = image_dataset(n_fit, n_test, seed)
@@ -221,13 +223,23 @@ def test_real_early_exit_cuda_vit12():
 
 
 @pytest.mark.perf
-def test_feature_cache_vs_backbone_per_batch_jeidnn_epoch(benchmark):
+def test_feature_cache_vs_backbone_per_batch_jeidnn_epoch(benchmark, tmp_path):
     """One JEI-DNN training epoch (heads and gates, all ten lambdas jointly) on cached features, against the
     same epoch with the frozen 12-block backbone run for every mini-batch. The head/gate work is identical in
     both; the second adds one no-grad backbone pass over the epoch's images, timed on the same images with
-    JEI-DNN's batch size. Target: the cache is >= 20x faster."""
+    JEI-DNN's batch size. Target: the cache is >= 20x faster. The features come from the on-disk cache
+    (memory-mapped); reading the cached entry back is timed against computing it (target: >= 100x faster)."""
+    from bench.pipeline.tasks import task_from_split_features
+
     backbone = random_backbone(ViT, VIT12, 0)
-    task, ds = image_task(backbone, n_fit=2048, n_test=64)
+    ds, splits = image_dataset(2048, 64, 0)
+    t0 = time.perf_counter()
+    load_or_compute_features(tmp_path, backbone, ds, splits)  # computes and writes the entry
+    t_compute = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    feats = load_or_compute_features(tmp_path, backbone, ds, splits)  # served from the cache, memory-mapped
+    t_load = time.perf_counter() - t0
+    task = task_from_split_features(ds, splits, backbone, feats)
     st = backbone.stages()
     train_x = ds.train_x[task.splits["train"].sample_ids]
     assert len(train_x) == 2048
@@ -247,4 +259,7 @@ def test_feature_cache_vs_backbone_per_batch_jeidnn_epoch(benchmark):
     print(f"\nJEI-DNN, 2048 train images, 12-block ViT, CPU {torch.get_num_threads()} threads: from cache "
           f"{t_cache:.2f} s (warm-up + 1 joint epoch, 10 lambdas); backbone pass per epoch {t_backbone:.2f} s; "
           f"speed-up {speedup:.0f}x")
+    print(f"feature cache, 4160 images x 12 blocks x 192: features read from the cache in {t_load * 1000:.2f} ms, "
+          f"from the backbone (computed and written) in {t_compute:.2f} s: {t_compute / t_load:.0f}x "
+          f"({'met' if t_compute / t_load >= 100 else 'MISSED'} target >= 100x)")
     assert speedup > 1
