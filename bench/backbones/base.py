@@ -35,6 +35,7 @@ from bench.base.errors import UserError
 from bench.base.fields import check_fields
 from bench.base.registry import Registry
 from bench.measure.flops import ExitMacs
+from datasets import iter_batches
 
 
 class Stages(Protocol):
@@ -331,7 +332,8 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
     with the best validation accuracy is kept (never test). Returns (model with those weights, eval mode, frozen;
     val_accuracy; best_epoch; history).
 
-    On CUDA: the uint8 training images live on the device for the whole run (converted, resized and augmented
+    Streamed images (``datasets.lazy``) are decoded a batch at a time in DataLoader workers, in the epoch's
+    order; the draws are the same as for the array. On CUDA: in-memory uint8 training images live on the device for the whole run (converted, resized and augmented
     there, batched), the loss runs under bf16 autocast with TF32 matmuls (fp32 master weights), convolutional
     backbones pass ``channels_last``, and nothing waits for the GPU within an epoch (the loss is summed on the
     device and read once per epoch). On CPU the arithmetic is the same as it always was."""
@@ -339,10 +341,14 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
     if _COMPILE_TRAINING:
         batch_loss = torch.compile(batch_loss)
     gen = torch.Generator().manual_seed(seed)
-    x_all = torch.from_numpy(np.ascontiguousarray(train_x))
+    # streamed images (datasets.lazy: a set too big for memory) are decoded batch by batch in DataLoader workers,
+    # in the epoch's shuffled order; an in-memory array is indexed directly (on CUDA: from the device)
+    streamed = not isinstance(train_x, np.ndarray)
+    x_all = None if streamed else torch.from_numpy(np.ascontiguousarray(train_x))
     y_all = torch.from_numpy(np.asarray(train_y, dtype=np.int64))
     if cuda:
-        x_all, y_all = x_all.to(device), y_all.to(device)
+        y_all = y_all.to(device)
+        x_all = None if streamed else x_all.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
     clip = float(getattr(cfg, "clip_grad", 0.0) or 0.0)
@@ -354,11 +360,16 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
     bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         model.train()
-        perm, draws = epoch_draws(len(train_x), cfg.batch_size, cfg.img_size, cfg.augment, gen, x_all.device)
+        perm, draws = epoch_draws(len(train_x), cfg.batch_size, cfg.img_size, cfg.augment, gen,
+                                  "cpu" if streamed else x_all.device)
+        if streamed:  # the order stays on the host (the decoders read it), the draws go where the images go
+            decoded = iter_batches(train_x, cfg.batch_size, perm.numpy())
+            perm, draws = perm.to(y_all.device), tuple(d.to(device) for d in draws)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i in range(0, len(perm), cfg.batch_size):
             idx_dev = perm[i:i + cfg.batch_size]
-            xb = apply_augmentation(to_tensor(x_all[idx_dev], cfg.img_size),
+            raw = torch.from_numpy(next(decoded)) if streamed else x_all[idx_dev]
+            xb = apply_augmentation(to_tensor(raw, cfg.img_size, device if streamed else None),
                                     tuple(d[i:i + cfg.batch_size] for d in draws))
             if cuda and channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)

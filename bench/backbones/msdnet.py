@@ -35,6 +35,7 @@ from bench.backbones.base import (AUGMENTATIONS, Backbone, Heads, fit_epochs, fu
 from bench.base.errors import UserError
 from bench.base.fields import bounded, choice
 from bench.measure.flops import FVCORE, TORCH, ExitMacs, fvcore_available, fvcore_macs, torch_macs
+from datasets import iter_batches
 
 
 @dataclass
@@ -345,8 +346,8 @@ def predict_exit_logits(model: MSDNet, x_uint8: np.ndarray, cfg: MSDNetConfig, d
     """Every exit's own logits [K, N, C]."""
     model.eval()
     out = []
-    for i in range(0, len(x_uint8), cfg.eval_batch_size):
-        xb = to_tensor(x_uint8[i:i + cfg.eval_batch_size], cfg.img_size, device)
+    for batch in iter_batches(x_uint8, cfg.eval_batch_size):  # slices of an array; streamed images decoded
+        xb = to_tensor(batch, cfg.img_size, device)
         out.append(torch.stack(model(xb)).float().cpu())
     return torch.cat(out, dim=1)
 

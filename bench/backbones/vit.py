@@ -35,6 +35,7 @@ from bench.base.fields import bounded, check_fields, choice
 from bench.base.hashing import file_sha256
 from bench.base.registry import unknown_name_message
 from bench.measure.flops import ExitMacs, analytic_vit_macs, fvcore_available, fvcore_vit_macs
+from datasets import iter_batches
 
 # timm model families with the ViT block structure this plugin drives (patch_embed, _pos_embed, blocks, norm)
 VIT_FAMILIES = ("vit_", "deit_", "deit3_")
@@ -113,6 +114,9 @@ class ViT(Backbone):
         "cifar100": PHOTO_DEFAULT,
         "cifar100-lt": PHOTO_DEFAULT,
         "svhn": dataclasses.replace(PHOTO_DEFAULT, augment="crop"),  # no flips: digits
+        # ImageNet: the default checkpoint was fine-tuned on ImageNet-1k already (its 1,000-class head is kept when
+        # the classes are the 1,000 of ILSVRC2012); one epoch adapts it to the harness's own train part
+        "imagenet": dataclasses.replace(PHOTO_DEFAULT, epochs=1),
     }
 
     @classmethod
@@ -371,7 +375,7 @@ def predict_logits(model, x_uint8: np.ndarray, cfg: ViTConfig, device: str = "cp
     concatenated along ``dim`` on the CPU."""
     model.eval()
     out = []
-    for i in range(0, len(x_uint8), cfg.eval_batch_size):
-        xb = to_tensor(x_uint8[i:i + cfg.eval_batch_size], cfg.img_size, device)
+    for batch in iter_batches(x_uint8, cfg.eval_batch_size):  # slices of an array; streamed images decoded
+        xb = to_tensor(batch, cfg.img_size, device)
         out.append((model(xb) if forward is None else forward(model, xb)).float().cpu())
     return torch.cat(out, dim=dim)
