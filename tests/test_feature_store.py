@@ -249,16 +249,18 @@ def synthetic_entry(cache: Path, n_train: int, n_test: int, k: int, d: int, seed
     directory = F.feature_dir(cache, ds.name, key)
     shapes = {"train": (k, n_train, d), "test": (k, n_test, d)}
 
-    def build_array(name):
-        def fill(outs):
-            ramp = np.arange(d, dtype=np.float32) / d
-            for b, out in enumerate(outs):
-                for i in range(0, out.shape[0], 10_000):
-                    rows = np.arange(i, min(i + 10_000, out.shape[0]), dtype=np.float32)
-                    out[i:i + len(rows)] = (rows + b / 8)[:, None] + ramp
-        F.write_array(directory, key, name, shapes[name], fill)
+    def fill(outs):
+        ramp = np.arange(d, dtype=np.float32) / d
+        for b, out in enumerate(outs):
+            for i in range(0, out.shape[0], 10_000):
+                rows = np.arange(i, min(i + 10_000, out.shape[0]), dtype=np.float32)
+                out[i:i + len(rows)] = (rows + b / 8)[:, None] + ramp
 
-    F.load_or_build(directory, key, splits, shapes, build_array, "synthetic features")
+    def build_arrays(names):
+        for name in names:
+            F.write_array(directory, key, name, shapes[name], fill)
+
+    F.load_or_build(directory, key, splits, shapes, build_arrays, "synthetic features")
     return ds, splits, backbone
 
 

@@ -7,7 +7,8 @@ skips finished ones. A job file is data only (JSON text and plain numeric/string
 ``allow_pickle=False``): nothing read back from a run folder can execute code, and a damaged or foreign file
 is reported and its job recomputed. Failed jobs are retried ``--retries`` times, then reported together; the
 run exits 1. Dask workers must see the same ``--cache-dir`` (a shared filesystem): the splits, backbones and
-features are built before any job is submitted, and jobs only read them. Workers import ``bench`` wherever
+features are built before any job is submitted (the features by the workers, in index ranges:
+``bench.pipeline.feature_ranges``), and jobs only read them. Workers import ``bench`` wherever
 they start: install the project (``make setup`` runs ``pip install -e .``) in their environment.
 """
 from __future__ import annotations
@@ -238,20 +239,31 @@ def _local(cfg, todo, job_fn, done) -> dict:
     return failures
 
 
-def _dask(cfg, todo, job_fn, done) -> dict:
+def dask_client(cfg):
+    """A ``distributed.Client`` of ``cfg.scheduler``; a UserError when dask is missing or the scheduler is not
+    reachable. The caller closes it."""
     try:
         from distributed import Client
-        from distributed import as_completed as dask_as_completed
     except ImportError:
         raise UserError("--executor dask needs dask[distributed] (pip install -r requirements.txt).") from None
     try:
-        client = Client(cfg.scheduler, timeout="10s")
+        return Client(cfg.scheduler, timeout="10s")
     except (OSError, TimeoutError) as e:
         raise UserError(f"Could not reach the Dask scheduler at {cfg.scheduler} ({_describe(e)}). Start one with "
                         "`dask scheduler` and workers with `dask worker tcp://HOST:8786`, then pass "
                         "--scheduler tcp://HOST:8786.") from None
-    # a GPU job asks for a GPU resource, so two never share one by accident (workers: --resources GPU=1)
-    resources = {"GPU": 1} if cfg.device.startswith("cuda") else None
+
+
+def dask_resources(device: str) -> dict | None:
+    """A GPU task asks for a GPU resource, so two never share one by accident (workers: --resources GPU=1)."""
+    return {"GPU": 1} if device.startswith("cuda") else None
+
+
+def _dask(cfg, todo, job_fn, done) -> dict:
+    client = dask_client(cfg)
+    from distributed import as_completed as dask_as_completed
+
+    resources = dask_resources(cfg.device)
     failures = {}
     run_id = cfg.run_id
     try:

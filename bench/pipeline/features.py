@@ -27,11 +27,17 @@ truncated or modified one, a wrong shape, a pickled (object) array or a header o
 rebuilt, never used. One process builds an entry while others wait (``exclusive``). Nothing here unpickles:
 ``np.load(allow_pickle=False)``.
 
-Ranges (for a later ``--executor dask`` step): ``write_feature_range(st, x, start, stop, outs, ...)`` computes
-rows [start, stop) of one array in batches that start at multiples of the batch size, so a range computed alone
-gives bit-identically the rows the whole array's pass gives; workers can write range shards to the shared cache
-and one step can copy them into the array shards and write the header. ``compute_features`` keeps the in-memory
-[K, N, D] result for callers without a cache (the device check, the perf tests).
+Ranges: ``write_feature_range(st, x, start, stop, outs, ...)`` computes rows [start, stop) of one array in
+batches that start at multiples of the batch size, so a range computed alone gives bit-identically the rows the
+whole array's pass gives. Sequentially one range is the whole array. With ``--executor dask`` the missing arrays
+are extracted on the cluster (``extract``, ``bench.pipeline.feature_ranges``): while the driver holds the
+entry's lock, workers compute index ranges (a multiple of the batch size, ``$BENCH_FEATURE_RANGE_ROWS``,
+default 4096 rows) into ``ranges/<array>-<start>-<stop>.npy`` [K, n, D] files (temporary file, then rename;
+a ``.json`` beside each records its sha256), the driver copies them chunk by chunk into the array shards
+(``write_array``, the same files and header as the sequential build), then deletes them. A range file left
+intact by an earlier attempt is reused; a killed worker leaves only a temporary file, ignored and removed, and
+its range is computed again elsewhere. ``compute_features`` keeps the in-memory [K, N, D] result for callers
+without a cache (the device check, the perf tests).
 """
 from __future__ import annotations
 
@@ -238,11 +244,11 @@ def derive_split_files(directory: Path, key: str, arrays: dict[str, list[np.ndar
 
 
 def load_or_build(directory: Path, key: str, splits: Splits, shapes: dict[str, tuple[int, int, int]],
-                  build_array: Callable[[str], None], what: str) -> dict[str, torch.Tensor]:
+                  build_arrays: Callable[[list[str]], None], what: str) -> dict[str, torch.Tensor]:
     """{"train", "val", "cal", "test"}: memory-mapped [K, n, D] tensors of each split, from the entry in
     ``directory``. Missing or unusable parts are rebuilt under the entry's lock: the split files from the array
-    shards, the shards of an array (``shapes[name]`` = (K, N, D)) by ``build_array(name)`` (which must write
-    them with ``write_array``)."""
+    shards, the shards of the arrays missing (``shapes[name]`` = (K, N, D)) by ``build_arrays(names)`` (which
+    must write each with ``write_array``)."""
     directory = Path(directory)
     feats = _open_splits(directory, key, splits, shapes)
     if feats is not None:
@@ -252,16 +258,19 @@ def load_or_build(directory: Path, key: str, splits: Splits, shapes: dict[str, t
         feats = _open_splits(directory, key, splits, shapes)  # built by the process we waited for
         if feats is not None:
             return feats
-        arrays = {}
-        for name in ARRAYS:
+
+        def open_array(name: str) -> list[np.ndarray] | None:
             spec = {f: shapes[name][1:] for f in array_files(name, shapes[name][0])}
-            extra = {"shape": list(shapes[name])}
-            arrays[name] = open_group(directory, name, key, spec, extra)
+            return open_group(directory, name, key, spec, {"shape": list(shapes[name])})
+
+        arrays = {name: open_array(name) for name in ARRAYS}
+        missing = [name for name in ARRAYS if arrays[name] is None]
+        if missing:
+            build_arrays(missing)
+        for name in missing:
+            arrays[name] = open_array(name)
             if arrays[name] is None:
-                build_array(name)
-                arrays[name] = open_group(directory, name, key, spec, extra)
-                if arrays[name] is None:
-                    raise RuntimeError(f"the {name} features just written to {directory} do not read back")
+                raise RuntimeError(f"the {name} features just written to {directory} do not read back")
         derive_split_files(directory, key, arrays, splits, shapes)
         del arrays
         feats = _open_splits(directory, key, splits, shapes)
@@ -278,11 +287,16 @@ def write_array(directory: Path, key: str, name: str, shape: tuple[int, int, int
     write_group(directory, name, key, {f: (n, d) for f in array_files(name, k)}, fill, {"shape": [k, n, d]})
 
 
+Extract = Callable[[TrainedBackbone, object, Path, str, dict[str, tuple[int, int, int]], str], None]
+
+
 def load_or_compute_features(cache_dir: str | os.PathLike, backbone: TrainedBackbone, dataset, splits: Splits,
-                             device: str = "cpu") -> dict[str, torch.Tensor]:
+                             device: str = "cpu", extract: Extract | None = None) -> dict[str, torch.Tensor]:
     """{"train", "val", "cal", "test"}: each split's exit features [K, n, D], memory-mapped from the cache and
     computed (then cached) when missing or unusable. Rows follow ``splits``' indices into the dataset's train
-    (train/val/cal) or test array."""
+    (train/val/cal) or test array. ``extract(backbone, dataset, directory, key, shapes, device)``, when given,
+    builds the missing arrays (``shapes``: name -> (K, N, D)) elsewhere and writes them with ``write_array``
+    (``bench.pipeline.feature_ranges``: on a Dask cluster); None: here, one pass per array."""
     key = feature_key(backbone, device)
     directory = feature_dir(cache_dir, dataset.name, key)
     heads = backbone.plugin.heads(backbone.model)
@@ -290,12 +304,16 @@ def load_or_compute_features(cache_dir: str | os.PathLike, backbone: TrainedBack
     data = {"train": dataset.train_x, "test": dataset.test_x}
     shapes = {name: (k, len(x), d) for name, x in data.items()}
 
-    def build_array(name: str) -> None:
+    def build_arrays(names: list[str]) -> None:
+        if extract is not None:
+            extract(backbone, dataset, directory, key, {name: shapes[name] for name in names}, device)
+            return
         cfg = backbone.config
         backbone.model.eval()
         st = backbone.stages()
-        x = data[name]
-        write_array(directory, key, name, shapes[name], lambda outs: write_feature_range(
-            st, x, 0, len(x), outs, cfg.img_size, cfg.eval_batch_size, device, desc=f"features ({name})"))
+        for name in names:
+            x = data[name]
+            write_array(directory, key, name, shapes[name], lambda outs: write_feature_range(
+                st, x, 0, len(x), outs, cfg.img_size, cfg.eval_batch_size, device, desc=f"features ({name})"))
 
-    return load_or_build(directory, key, splits, shapes, build_array, f"the features of {backbone.label}")
+    return load_or_build(directory, key, splits, shapes, build_arrays, f"the features of {backbone.label}")

@@ -1,86 +1,29 @@
 """Task loading: for one seed and one network, the split, the trained backbone (from the checkpoint cache or
-trained and saved), its cached exit features and the ``Task`` methods see. ``load_task`` is the public entry
+trained and saved), its cached exit features (with ``--executor dask`` computed by the workers in index ranges:
+``bench.pipeline.feature_ranges``) and the ``Task`` methods see. ``load_task`` is the public entry
 point (the run, the investigation scripts and the perf tests use it) so nobody assembles a task by hand. The
 features arrive one file per split, memory-mapped (``bench.pipeline.features``): building a Task reads none of
 them into memory.
 
-Checkpoints hold tensors and plain numbers only and are read with ``torch.load(weights_only=True)``: nothing a
-cache holds can run code.
+The backbones come from ``bench.pipeline.backbone_cache`` (checkpoints read with
+``torch.load(weights_only=True)``: nothing a cache holds can run code).
 """
 from __future__ import annotations
 
-import dataclasses
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.backbones.base import BACKBONES, Backbone, TrainedBackbone, arithmetic, compiled_training
-from bench.base.hashing import atomic_write, config_hash
-from bench.base.locks import exclusive
+from bench.backbones.base import BACKBONES, TrainedBackbone
 from bench.core.task import SplitData, Task
+from bench.pipeline.backbone_cache import backbone_key, checkpoint_path, load_or_train_backbone  # noqa: F401
 from bench.pipeline.config import RunConfig, default_cache_dir, resolve_device
+from bench.pipeline.feature_ranges import dask_extractor, in_dask_worker
 from bench.pipeline.features import load_or_compute_features
 from bench.pipeline.splits import Splits, load_or_make_splits
 from datasets import ImageDataset, load_dataset
-
-log = logging.getLogger(__name__)
-
-
-def backbone_key(plugin: type[Backbone], cfg, dataset: str, split_sha: str, seed: int, data_source: str,
-                 device: str | torch.device = "cpu", compiled: bool = False) -> str:
-    return config_hash({"backbone": dataclasses.asdict(cfg), "plugin": plugin.name, "dataset": dataset,
-                        "split": split_sha, "seed": seed, "data": data_source,
-                        "torch": torch.__version__.split("+")[0], **arithmetic(device, True, compiled), "v": 2})
-
-
-def load_or_train_backbone(cache_dir: Path, plugin: type[Backbone], cfg, dataset: ImageDataset, splits: Splits,
-                           device: str = "cpu", compiled: bool = False) -> TrainedBackbone:
-    """The backbone for (dataset, split, seed, config): from the checkpoint cache when a valid one exists,
-    otherwise trained and saved. A checkpoint that fails to load safely or was made by another config is
-    rebuilt, with a warning."""
-    key = backbone_key(plugin, cfg, dataset.name, splits.sha256, splits.seed, dataset.source, device, compiled)
-    path = Path(cache_dir) / "backbones" / f"{dataset.name}-{plugin.name}-{key}.pt"
-    cached = _load_checkpoint(path, plugin, cfg, key, dataset, device)
-    if cached is not None:
-        return cached
-    with exclusive(Path(cache_dir) / "locks" / f"{path.stem}.lock", f"backbone {plugin.label(cfg)} ({dataset.name}, seed {splits.seed})"):
-        cached = _load_checkpoint(path, plugin, cfg, key, dataset, device)  # trained by the process we waited for
-        if cached is not None:
-            return cached
-        tr, va = splits.train, splits.val
-        with compiled_training(compiled):
-            model, val_acc, best_epoch, history = plugin.train(
-                cfg, dataset.train_x[tr], dataset.train_y[tr], dataset.train_x[va], dataset.train_y[va],
-                dataset.num_classes, splits.seed, device,
-                desc=f"train backbone {plugin.label(cfg)} ({dataset.name}, seed {splits.seed})")
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_write(path, lambda tmp: torch.save({"key": key, "state_dict": state, "val_accuracy": float(val_acc),
-                                                   "best_epoch": int(best_epoch), "history": history,
-                                                   "config": dataclasses.asdict(cfg)}, tmp))
-    return TrainedBackbone(plugin, model, cfg, key, val_acc, best_epoch, history)
-
-
-def _load_checkpoint(path: Path, plugin: type[Backbone], cfg, key: str, dataset: ImageDataset, device: str
-                     ) -> TrainedBackbone | None:
-    """The cached backbone, or None when there is none or it is unusable (truncated, corrupt, unsafe to load,
-    made by another configuration: reported, then rebuilt)."""
-    if not path.exists():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("key") != key:
-            raise ValueError("checkpoint was made by another configuration")
-        model = plugin.create(cfg, dataset.train_x.shape[-1], dataset.num_classes, load_weights=False)
-        model.load_state_dict(ckpt["state_dict"])
-        model.eval().requires_grad_(False)
-        return TrainedBackbone(plugin, model.to(device), cfg, key, ckpt["val_accuracy"], ckpt["best_epoch"],
-                               ckpt["history"])
-    except Exception as e:  # truncated, corrupt, unsafe or foreign file: never use it, rebuild
-        log.warning("backbone checkpoint %s is unusable (%s: %s); retraining", path, type(e).__name__, e)
-        return None
 
 
 def build_task(dataset: ImageDataset, splits: Splits, backbone: TrainedBackbone, feats: dict[str, torch.Tensor]
@@ -134,5 +77,8 @@ def load_task(cfg: RunConfig, seed: int, network: str | None = None, dataset: Im
     device = resolve_device(cfg.device)
     backbone = load_or_train_backbone(cache, BACKBONES.get(network), cfg.backbone_config(network), dataset, splits,
                                       device, cfg.compile)
-    feats = load_or_compute_features(cache, backbone, dataset, splits, device)  # memory-mapped, per split
+    extract = None  # features computed here; with --executor dask, in ranges by the workers (not from a worker)
+    if cfg.executor == "dask" and not in_dask_worker():
+        extract = dask_extractor(cfg, cache, checkpoint_path(cache, backbone.plugin, dataset.name, backbone.key))
+    feats = load_or_compute_features(cache, backbone, dataset, splits, device, extract)  # memory-mapped, per split
     return LoadedTask(dataset, splits, backbone, task_from_split_features(dataset, splits, backbone, feats))
