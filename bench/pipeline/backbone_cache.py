@@ -18,7 +18,7 @@ from bench.backbones.base import Backbone, TrainedBackbone, arithmetic, compiled
 from bench.base.hashing import atomic_write, config_hash
 from bench.base.locks import exclusive
 from bench.pipeline.splits import Splits
-from datasets import ImageDataset
+from datasets import ImageDataset, take
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ def load_or_train_backbone(cache_dir: Path, plugin: type[Backbone], cfg, dataset
         if cached is not None:
             return cached
         tr, va = splits.train, splits.val
-        with compiled_training(compiled):
+        with compiled_training(compiled):  # take: streamed images stay a view (x[idx] would decode them all here)
             model, val_acc, best_epoch, history = plugin.train(
-                cfg, dataset.train_x[tr], dataset.train_y[tr], dataset.train_x[va], dataset.train_y[va],
+                cfg, take(dataset.train_x, tr), dataset.train_y[tr], take(dataset.train_x, va), dataset.train_y[va],
                 dataset.num_classes, splits.seed, device,
                 desc=f"train backbone {plugin.label(cfg)} ({dataset.name}, seed {splits.seed})")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -24,10 +24,11 @@ from bench.core.interface import create_method, resolve_points
 from bench.pipeline.config import RunConfig, resolve_device, validate
 from bench.pipeline.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.pipeline.executors import run_jobs
+from bench.pipeline.resources import Clock, data_env, fixed_mmap_threshold, peak_memory, stage_rates
 from bench.pipeline.risk_points import risk_points, risk_rows
 from bench.pipeline.timing import DTYPE_LABELS, stage_inputs, static_timing, timing_lock, timing_metrics
 from bench.pipeline.tasks import LoadedTask, cache_dir_of, load_task
-from bench.results.files import decisions_frame, metrics_frame, provenance, source_state, write_csv, write_json
+from bench.results.files import metrics_frame, provenance, source_state, write_csv, write_decisions, write_json
 from bench.results.risk_report import risk_table
 from bench.results.summary import summary_table
 from datasets import load_dataset
@@ -183,7 +184,9 @@ def execute(cfg: RunConfig, log=print) -> Path:
     A run is a sweep of independent jobs (seed x method, plus the static backbone per seed). Shared artefacts
     (splits, backbones, features) are built first, in this process, seed by seed; then the jobs run on the
     chosen executor and each writes its result file atomically under ``OUT/jobs/``; the tables are assembled
-    from those files. Rerunning the same command with the same ``--out`` skips finished jobs."""
+    from those files. Rerunning the same command with the same ``--out`` skips finished jobs. run.json records
+    the data settings taken from the environment (``env``) and, measured at the end, the peak memory and the
+    images per second of the stages that ran here (``resources``: ``bench.pipeline.resources``)."""
     asked = cfg.device
     cfg = dataclasses.replace(cfg, device=resolve_device(asked))
     validate(cfg)
@@ -191,6 +194,7 @@ def execute(cfg: RunConfig, log=print) -> Path:
     log(f"device: {cfg.device}" + (f" (--device auto: {seen})" if asked == "auto" else ""))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    mmap_threshold = fixed_mmap_threshold()  # freed batch buffers go back to the system (bench.pipeline.resources)
     out = prepare_out(cfg)
     t0, source = time.time(), source_state()  # the code this process imported, not what is committed later
     dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, cache_dir=cfg.cache_dir)
@@ -198,9 +202,12 @@ def execute(cfg: RunConfig, log=print) -> Path:
         f"{dataset.num_classes} classes (files and checksums in run.json)")
     seeds_info: dict[int, dict] = {}
     labels = {}
+    stages: list[dict] = []  # images per second of the backbone trainings and feature passes run here
     for seed in cfg.seeds:
         for network in cfg.networks():
-            loaded = load_task(cfg, seed, network, dataset)
+            with Clock() as clock:
+                loaded = load_task(cfg, seed, network, dataset)
+            stages += stage_rates(cfg, loaded, network, clock.start_ns, clock.seconds)
             splits, backbone, task = loaded.splits, loaded.backbone, loaded.task
             labels[network] = backbone.label
             info = {"backbone": backbone.label, "backbone_key": backbone.key,
@@ -225,14 +232,17 @@ def execute(cfg: RunConfig, log=print) -> Path:
         summary = summary_table(df)
         risk = risk_table(df)  # --risk: the risk-controlled points' risks and guarantee check
         summary += f"\n\n{risk}" if risk else ""
-        write_csv(decisions_frame(decisions), out / "decisions.csv.gz")
+        write_decisions(decisions, out / "decisions.csv.gz")
         write_csv(df, out / "metrics.csv")
         atomic_write_text(out / "summary.md", summary + "\n")
         config = {**dataclasses.asdict(cfg), "resolved_backbones": {
             n: {"backbone": n, "label": labels[n], **dataclasses.asdict(cfg.backbone_config(n))} for n in cfg.networks()}}
+        env = data_env()  # the data settings from the environment, shown before the command on the results page
+        resources = {**peak_memory(cfg.device), "network": cfg.run_backbone, "stages": stages,
+                     "malloc_mmap_threshold_bytes": mmap_threshold}
         write_json(out / "run.json", {"run_id": run_id, "status": "complete", **provenance(config, {
-            **source, "dataset_source": dataset.source, "seeds": seeds_info,
-            "duration_s": round(time.time() - t0, 2)}, cfg.argv)})
+            **source, "dataset_source": dataset.source, "seeds": seeds_info, **({"env": env} if env else {}),
+            "resources": resources, "duration_s": round(time.time() - t0, 2)}, cfg.argv)})
     except OSError as e:  # full disk, read-only or vanished --out: every file is replaced atomically
         raise UserError(f"Could not write the results to {out} ({e.strerror or e}). Files written before are "
                         "intact (each is replaced atomically) and finished jobs are kept in its jobs/ folder: free "

@@ -3,6 +3,8 @@
 (provenance) and ``summary.md`` (the printed table, generated from the rows)."""
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import platform
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -37,18 +40,35 @@ def metrics_frame(rows: list[dict], run_id: str, dataset: str, backbone: str,
     return df[METRIC_COLUMNS]
 
 
-def decisions_frame(blocks: list[dict]) -> pd.DataFrame:
-    frames = []
-    for b in blocks:
-        n = len(b["sample_id"])
-        frames.append(pd.DataFrame({c: (b[c] if np.ndim(b[c]) else np.repeat(b[c], n)) for c in DECISION_COLUMNS}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=DECISION_COLUMNS)
+def decisions_frame(block: dict) -> pd.DataFrame:
+    """One decision block (a split and operating point: per-sample arrays, the rest scalars) as rows."""
+    n = len(block["sample_id"])
+    return pd.DataFrame({c: (block[c] if np.ndim(block[c]) else np.repeat(block[c], n)) for c in DECISION_COLUMNS})
+
+
+FLOAT_FORMAT = "%.17g"  # keeps float64 exact, so accuracy and ECE can be recomputed from the files to 1e-6 and beyond
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
-    # %.17g keeps float64 exact, so accuracy and ECE can be recomputed from the files to 1e-6 and beyond
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.17g",
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format=FLOAT_FORMAT,
                                              compression="gzip" if str(path).endswith(".gz") else None))
+
+
+def write_decisions(blocks: Iterable[dict], path: Path) -> None:
+    """``decisions.csv.gz``: a header, then each block's rows, written block by block into one gzip stream, so
+    only one block's rows are ever a table in memory (one frame of 22 points x 25,000 samples, a 100,000-image
+    run's, took 280 MiB). The gzip header holds no time or file name: the same decisions give the same bytes."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+                io.TextIOWrapper(gz, encoding="utf-8", newline="") as text:
+            wrote = False
+            for block in blocks:
+                decisions_frame(block).to_csv(text, header=not wrote, index=False, float_format=FLOAT_FORMAT)
+                wrote = True
+            if not wrote:
+                pd.DataFrame(columns=DECISION_COLUMNS).to_csv(text, index=False)
+
+    atomic_write(path, write)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:

@@ -92,8 +92,34 @@ def machine_line(run: dict) -> str:
         parts.append(str(run["date"]).replace("T", " ").replace("Z", " UTC"))
     if run.get("duration_s") is not None:
         parts.append(f"took {float(run['duration_s']):.0f} s")
+    parts += resources_text(run.get("resources"))
     parts = [x for x in parts if x]
     return "Machine: " + " · ".join(parts) + "." if parts else "Machine: not recorded (no run.json)."
+
+
+STAGE_LABELS = {"backbone_training": "backbone training", "features": "feature extraction"}
+
+
+def resources_text(resources) -> list[str]:
+    """The machine line's memory and speed, from run.json's ``resources`` (``bench.pipeline.resources``; older
+    runs have none: nothing): the peak RSS of the run's process and of its largest child process, the CUDA peak
+    allocated, and the images per second of the run backbone's training and feature extraction where they ran
+    (over its seeds: images over seconds)."""
+    if not isinstance(resources, dict) or resources.get("peak_rss_mib") is None:
+        return []
+    memory = f"peak RSS {float(resources['peak_rss_mib']):,.0f} MiB"
+    if resources.get("peak_rss_children_mib"):
+        memory += f" (largest child process {float(resources['peak_rss_children_mib']):,.0f} MiB)"
+    if resources.get("cuda_max_allocated_mib") is not None:
+        memory += f", CUDA peak allocated {float(resources['cuda_max_allocated_mib']):,.0f} MiB"
+    rates = []
+    for stage, label in STAGE_LABELS.items():
+        got = [e for e in resources.get("stages") or [] if e.get("stage") == stage
+               and e.get("network", resources.get("network")) == resources.get("network")]
+        seconds = sum(float(e["seconds"]) for e in got)
+        if got and seconds > 0:
+            rates.append(f"{label} {sum(int(e['images']) for e in got) / seconds:,.0f} images/s")
+    return [memory, ", ".join(rates)]
 
 
 def _run_names(run_dirs: Sequence[Path], frames: Sequence[pd.DataFrame]) -> list[str]:
@@ -112,6 +138,9 @@ def _provenance(run_dir: Path) -> list[str]:
     """The command block and machine line of one run."""
     run = _read_run_json(run_dir)
     cmd = reader_command(_command(run))
+    env = run.get("env")  # the data settings the run took from the environment (BENCH_IMAGEFOLDER_LAZY_BYTES, ..)
+    if cmd and isinstance(env, dict) and env:
+        cmd = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in sorted(env.items())) + " " + cmd
     return [*(["```bash", cmd, "```"] if cmd else ["Command: not recorded (no run.json)."]), "", machine_line(run)]
 
 
