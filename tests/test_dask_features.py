@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import re
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import Future
@@ -26,7 +25,7 @@ from bench.pipeline import features as F
 from bench.pipeline.config import RunConfig
 from bench.pipeline.backbone_cache import checkpoint_path
 from bench.pipeline.tasks import load_task
-from tests.test_packaging import BIN, _free_port, _outside, _require_installed, _tail
+from tests.test_packaging import DaskProcesses
 from tests.test_sweeps import SWEEP, _same
 
 # eval batches of 128: digits' 1437 train and 360 test images; ranges of 256 rows: 6 train + 2 test ranges
@@ -235,40 +234,20 @@ def test_dask_sweep_extracts_features_on_the_workers_and_survives_a_killed_worke
     (started outside the repository), one of which is SIGKILLed while the first seed's ranges are being written.
     The run finishes, its tables equal a sequential run's (on its own cache) and every feature file is the same
     bytes; no range file or temporary is left."""
-    _require_installed(tmp_path)
-    outside = _outside(tmp_path)
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    logs = {name: tmp_path / f"{name}.log" for name in ("scheduler", "worker-a", "worker-b", "sweep")}
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-        with open(logs[name], "wb") as log:
-            procs.append(subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT,
-                                          **{**outside, **({"env": env} if env else {})}))
-        return procs[-1]
-
-    def report() -> str:
-        return "\n".join(f"--- {name} ---\n{_tail(path)}" for name, path in logs.items())
-
-    try:
-        start("scheduler", str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
-              address.rsplit(":", 1)[1], "--no-dashboard")
-        workers = {name: f"tcp://127.0.0.1:{_free_port()}" for name in ("worker-a", "worker-b")}
-        for name, at in workers.items():  # no nanny: the SIGKILLed process is the one computing
-            start(name, str(BIN / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
-                  "--worker-port", at.rsplit(":", 1)[1], "--no-dashboard", "--no-nanny")
+    with DaskProcesses(tmp_path, nanny=False) as cluster:
+        workers = cluster.workers
         t0 = time.time()
         assert main([*DASK_SWEEP, "--cache-dir", str(tmp_path / "seq-cache"), "--out", str(tmp_path / "seq")]) == 0
         t_seq = time.time() - t0
         from distributed import Client
 
-        with Client(address, timeout="30s") as client:  # it only watches: the workers import what tasks need
+        with Client(cluster.address, timeout="30s") as client:  # it only watches: workers import what tasks need
             client.wait_for_workers(2, timeout=60)
             cache, out = tmp_path / "cache", tmp_path / "dask"
             t0 = time.time()
-            sweep = start("sweep", sys.executable, "-m", "bench", *DASK_SWEEP, "--executor", "dask", "--scheduler",
-                          address, "--cache-dir", str(cache), "--out", str(out),
-                          env={**outside["env"], R.RANGE_ROWS_ENV: "32"})
+            sweep = cluster.start("sweep", sys.executable, "-m", "bench", *DASK_SWEEP, "--executor", "dask",
+                                  "--scheduler", cluster.address, "--cache-dir", str(cache), "--out", str(out),
+                                  env={**cluster.outside["env"], R.RANGE_ROWS_ENV: "32"})
             finished, deadline = [], time.time() + 120
             while time.time() < deadline and sweep.poll() is None and not finished:
                 for entry in (cache / "features").glob("*"):
@@ -278,10 +257,10 @@ def test_dask_sweep_extracts_features_on_the_workers_and_survives_a_killed_worke
                         break
                 time.sleep(0.005)
             held = client.processing(workers=[workers["worker-a"]]).get(workers["worker-a"], [])
-            procs[1].send_signal(signal.SIGKILL)  # worker-a dies while the ranges are being computed
-            assert 1 <= len(finished) < PER_SEED, report()
-            assert any(str(k).startswith("bench-features-") for k in held), (held, report())  # it had ranges
-            assert sweep.wait(timeout=300) == 0, report()
+            cluster.procs["worker-a"].send_signal(signal.SIGKILL)  # it dies while the ranges are computed
+            assert 1 <= len(finished) < PER_SEED, cluster.report()
+            assert any(str(k).startswith("bench-features-") for k in held), (held, cluster.report())  # it had ranges
+            assert sweep.wait(timeout=300) == 0, cluster.report()
         t_dask = time.time() - t0
         _same(tmp_path / "seq", out)
         seq_entries = sorted((tmp_path / "seq-cache" / "features").glob("*"))
@@ -291,8 +270,3 @@ def test_dask_sweep_extracts_features_on_the_workers_and_survives_a_killed_worke
         assert not list((cache / "features").rglob("ranges")) and not list(cache.rglob("*.tmp"))
         print(f"sequential {t_seq:.1f} s, dask {t_dask:.1f} s, killed with {len(finished)} of {PER_SEED} ranges "
               f"written and {len(held)} task(s) in its hands")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                p.wait(timeout=30)

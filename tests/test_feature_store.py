@@ -16,7 +16,7 @@ import torch
 from bench.backbones.base import TrainedBackbone, block_features, to_tensor
 from bench.backbones.vit import ViT, ViTConfig
 from bench.pipeline import features as F
-from bench.pipeline.splits import Splits, make_splits
+from bench.pipeline.splits import make_splits
 from bench.pipeline.tasks import task_from_split_features
 from datasets import ImageDataset, load_dataset
 

@@ -82,46 +82,61 @@ def _tail(path: Path, n: int = 3000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
+class DaskProcesses:
+    """A `dask scheduler` and two `dask worker --nthreads 1` processes ("worker-a", "worker-b") started outside the
+    repository, as the README tells users (``nanny=False``: the worker process is the one computing, so a SIGKILL
+    lands on it), plus whatever else ``start`` launches; every log is kept for ``report`` and every process is
+    killed on leaving."""
+
+    def __init__(self, tmp_path: Path, nanny: bool = True):
+        self.tmp_path, self.outside = tmp_path, _outside(tmp_path)
+        self.address = f"tcp://127.0.0.1:{_free_port()}"
+        self.workers = {name: f"tcp://127.0.0.1:{_free_port()}" for name in ("worker-a", "worker-b")}
+        self.nanny = nanny
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        with open(self.tmp_path / f"{name}.log", "wb") as log:
+            self.procs[name] = subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT,
+                                                **{**self.outside, **({"env": env} if env else {})})
+        return self.procs[name]
+
+    def report(self) -> str:
+        return "\n".join(f"--- {name} ---\n{_tail(self.tmp_path / f'{name}.log')}" for name in self.procs)
+
+    def __enter__(self) -> "DaskProcesses":
+        _require_installed(self.tmp_path)
+        self.start("scheduler", str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
+                   self.address.rsplit(":", 1)[1], "--no-dashboard")
+        for name, at in self.workers.items():
+            self.start(name, str(BIN / "dask"), "worker", self.address, "--nthreads", "1", "--host", "127.0.0.1",
+                       "--worker-port", at.rsplit(":", 1)[1], "--no-dashboard",
+                       *(() if self.nanny else ("--no-nanny",)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait(timeout=30)
+
+
 def test_readme_dask_recipe_with_workers_outside_the_repository_and_one_killed(tmp_path):
     """`dask scheduler`, two `dask worker tcp://HOST:PORT --nthreads 1` and `python -m bench run --executor dask`,
     all started outside the repository without PYTHONPATH, as the README tells users; one worker is killed
     mid-sweep (its tasks move to the other). The tables equal a sequential run's."""
-    _require_installed(tmp_path)
-    outside = _outside(tmp_path)
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    logs = {name: tmp_path / f"{name}.log" for name in ("scheduler", "worker-a", "worker-b", "sweep")}
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        with open(logs[name], "wb") as log:
-            procs.append(subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, **outside))
-        return procs[-1]
-
-    def report() -> str:
-        return "\n".join(f"--- {name} ---\n{_tail(path)}" for name, path in logs.items())
-
-    try:
-        start("scheduler", str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
-              address.rsplit(":", 1)[1], "--no-dashboard")
-        for name in ("worker-a", "worker-b"):
-            start(name, str(BIN / "dask"), "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
-                  "--no-dashboard")
+    with DaskProcesses(tmp_path) as cluster:
         # the sequential reference (which also builds the shared cache) while the cluster starts
         cache = tmp_path / "cache"
         assert main([*SWEEP, "--cache-dir", str(cache), "--out", str(tmp_path / "seq")]) == 0
         from distributed import Client
 
-        with Client(address, timeout="30s") as client:  # nothing else: the workers import only what jobs need
+        with Client(cluster.address, timeout="30s") as client:  # nothing else: the workers import what jobs need
             client.wait_for_workers(2, timeout=60)
         out = tmp_path / "dask"
-        sweep = start("sweep", sys.executable, "-m", "bench", *SWEEP, "--executor", "dask", "--scheduler", address,
-                      "--cache-dir", str(cache), "--out", str(out))
-        assert 1 <= _wait_for_jobs(out, 1, sweep) < 6, report()  # mid-sweep: 6 jobs in all
-        procs[1].send_signal(signal.SIGKILL)  # one worker dies mid-sweep; its tasks move to the other
-        assert sweep.wait(timeout=300) == 0, report()
+        sweep = cluster.start("sweep", sys.executable, "-m", "bench", *SWEEP, "--executor", "dask", "--scheduler",
+                              cluster.address, "--cache-dir", str(cache), "--out", str(out))
+        assert 1 <= _wait_for_jobs(out, 1, sweep) < 6, cluster.report()  # mid-sweep: 6 jobs in all
+        cluster.procs["worker-a"].send_signal(signal.SIGKILL)  # one worker dies mid-sweep; its tasks move on
+        assert sweep.wait(timeout=300) == 0, cluster.report()
         _same(tmp_path / "seq", out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                p.wait(timeout=30)
