@@ -479,4 +479,9 @@ def test_page_commands_name_paths_a_reader_has():
         "python -m bench run --data-dir ../shared/data/cifar10-jpeg.tar.gz --seeds 0 --out results/runs/fmnist")
     kept = "python -m bench run --set jeidnn.lambdas=[0.1,1.0] --out results/runs/a"
     assert reader_command(kept) == kept
+    # the memory benchmark's generated folders: where its generator puts them for a reader
+    assert reader_command("python -m bench run --data-dir /root/.cache/bench/memory-flat/images-10k --out "
+                          "results/runs/memory-flat/images-10k") == (
+        "python -m bench run --data-dir '~/.cache/bench/memory-flat/images-10k' --out "
+        "results/runs/memory-flat/images-10k")
     assert reader_command("python -m bench run --set 'unbalanced") == "python -m bench run --set 'unbalanced"
