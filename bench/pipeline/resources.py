@@ -15,8 +15,10 @@ at its end) and shown on the results page's machine line (``bench.results.page.m
   seconds ``load_task`` took beyond the training loop (the feature pass, writing and hashing the cache files and
   gathering the split files; loading the splits and saving the checkpoint, which take milliseconds, too).
 
-Whether a stage ran here is read from the cache: the backbone checkpoint, or the feature headers, written since
-``load_task`` started. A process of another run that built them while this one waited on its lock counts as here.
+Whether a stage ran here is read from the cache: the backbone checkpoint, or the feature headers, created or
+replaced during ``load_task`` (``cache_snapshot`` before, a stat after: no clock comparison, so a file another run
+wrote a moment before does not count). A process of another run that built them while this one waited on its lock
+counts as here.
 
 The allocator (``fixed_mmap_threshold``, called when a run starts; ``malloc_mmap_threshold_bytes`` in
 ``resources``): glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
@@ -47,7 +49,6 @@ DATA_ENV_VARS = (imagefolder_lazy.LAZY_ENV_VAR, imagefolder.SIZE_ENV_VAR, imagef
                  imagenet.SIZE_ENV_VAR, lazy.WORKERS_ENV_VAR)
 _MIB = 2 ** 20
 _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-_SLACK_NS = 50_000_000  # file times tick coarser than the clock: a file written 50 ms before the start is older
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -84,11 +85,25 @@ def peak_memory(device: str) -> dict[str, float]:
     return out
 
 
-def _written_since(path: Path, start_ns: int) -> bool:
+def _stamp(path: Path) -> tuple[int, int] | None:
     try:
-        return path.stat().st_mtime_ns >= start_ns - _SLACK_NS
+        st = path.stat()
     except OSError:
-        return False
+        return None
+    return st.st_mtime_ns, st.st_ino
+
+
+def cache_snapshot(cache_dir) -> dict[Path, tuple[int, int]]:
+    """(mtime_ns, inode) of every backbone checkpoint and feature header in the cache: taken before a
+    ``load_task``, it tells which of them that call wrote (an atomic write replaces the file: a new inode)."""
+    root = Path(cache_dir)
+    paths = [*root.glob("backbones/*.pt"), *root.glob("features/*/*.json")]
+    return {p: stamp for p in paths if (stamp := _stamp(p)) is not None}
+
+
+def _written_since(path: Path, before: dict[Path, tuple[int, int]]) -> bool:
+    stamp = _stamp(path)
+    return stamp is not None and stamp != before.get(path)
 
 
 def _entry(seed: int, network: str, stage: str, images: int, seconds: float, **extra) -> dict:
@@ -96,30 +111,31 @@ def _entry(seed: int, network: str, stage: str, images: int, seconds: float, **e
             "images_per_s": round(images / seconds, 1) if seconds > 0 else None, **extra}
 
 
-def stage_rates(cfg: RunConfig, loaded: LoadedTask, network: str, start_ns: int, seconds: float) -> list[dict]:
-    """The ``stages`` entries of one ``load_task`` call that started at ``start_ns`` (``time.time_ns()``) and took
-    ``seconds``: the backbone's training and the feature extraction, each if it ran in this call."""
+def stage_rates(cfg: RunConfig, loaded: LoadedTask, network: str, before: dict, seconds: float) -> list[dict]:
+    """The ``stages`` entries of one ``load_task`` call that took ``seconds``, ``before`` being the
+    ``cache_snapshot`` taken as it started: the backbone's training and the feature extraction, each if it ran in
+    this call (its file is new or was replaced since)."""
     out = []
     b = loaded.backbone
     path = checkpoint_path(cache_dir_of(cfg), b.plugin, loaded.dataset.name, b.key)
-    trained = _written_since(path, start_ns) and bool(b.history)
+    trained = _written_since(path, before) and bool(b.history)
     train_s = float(loaded.backbone.history[-1].get("seconds") or 0.0) if trained else 0.0
     if trained:
         epochs = len(loaded.backbone.history)
         out.append(_entry(loaded.task.seed, network, "backbone_training", len(loaded.splits.train) * epochs, train_s,
                           epochs=epochs))
     directory = feature_dir(cache_dir_of(cfg), loaded.dataset.name, feature_key(loaded.backbone, cfg.device))
-    if any(_written_since(header_path(directory, name), start_ns) for name in ("train", "test")):
+    if any(_written_since(header_path(directory, name), before) for name in ("train", "test")):
         n = len(loaded.dataset.train_y) + len(loaded.dataset.test_y)
         out.append(_entry(loaded.task.seed, network, "features", n, max(seconds - train_s, 0.0)))
     return out
 
 
 class Clock:
-    """``with Clock() as c:`` -> ``c.start_ns`` (wall clock, to compare with file times) and ``c.seconds``."""
+    """``with Clock() as c:`` -> ``c.seconds``."""
 
     def __enter__(self) -> "Clock":
-        self.start_ns, self._t0, self.seconds = time.time_ns(), time.perf_counter(), 0.0
+        self._t0, self.seconds = time.perf_counter(), 0.0
         return self
 
     def __exit__(self, *exc) -> None:

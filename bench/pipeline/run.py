@@ -24,7 +24,8 @@ from bench.core.interface import create_method, resolve_points
 from bench.pipeline.config import RunConfig, resolve_device, validate
 from bench.pipeline.evaluate import evaluate_method, metric_row, static_backbone_rows
 from bench.pipeline.executors import run_jobs
-from bench.pipeline.resources import Clock, data_env, fixed_mmap_threshold, peak_memory, stage_rates
+from bench.pipeline.resources import (Clock, cache_snapshot, data_env, fixed_mmap_threshold, peak_memory,
+                                      stage_rates)
 from bench.pipeline.risk_points import risk_points, risk_rows
 from bench.pipeline.timing import DTYPE_LABELS, stage_inputs, static_timing, timing_lock, timing_metrics
 from bench.pipeline.tasks import LoadedTask, cache_dir_of, load_task
@@ -205,9 +206,10 @@ def execute(cfg: RunConfig, log=print) -> Path:
     stages: list[dict] = []  # images per second of the backbone trainings and feature passes run here
     for seed in cfg.seeds:
         for network in cfg.networks():
+            before = cache_snapshot(cache_dir_of(cfg))
             with Clock() as clock:
                 loaded = load_task(cfg, seed, network, dataset)
-            stages += stage_rates(cfg, loaded, network, clock.start_ns, clock.seconds)
+            stages += stage_rates(cfg, loaded, network, before, clock.seconds)
             splits, backbone, task = loaded.splits, loaded.backbone, loaded.task
             labels[network] = backbone.label
             info = {"backbone": backbone.label, "backbone_key": backbone.key,
