@@ -127,6 +127,21 @@ SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
 # ----------------------------------------------------------------------------------------------- checksums
 
 
+def env_number(var: str, default, parse, valid, problem: str):
+    """``$var`` read with ``parse`` (``int`` or ``float``) when set and not blank, else ``default``. A value that
+    does not parse, or that ``valid`` refuses, is a UserError: ``var='raw'`` then ``problem``."""
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise UserError(f"{var}={raw!r} {problem}")
+    return value
+
+
 def md5_file(path: str | os.PathLike) -> str:
     return file_digest(path, "md5")
 

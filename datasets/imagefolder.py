@@ -215,17 +215,9 @@ def _setting_text() -> str:
 
 
 def _test_fraction() -> float:
-    raw = os.environ.get(FRACTION_ENV_VAR, "").strip()
-    if not raw:
-        return DEFAULT_TEST_FRACTION
-    try:
-        f = float(raw)
-    except ValueError:
-        f = math.nan
-    if not 0 < f < 1:
-        raise UserError(f"{FRACTION_ENV_VAR}={raw!r} is not a fraction strictly between 0 and 1 (e.g. 0.2); unset "
-                        f"it for the default {DEFAULT_TEST_FRACTION}.")
-    return f
+    return _files.env_number(FRACTION_ENV_VAR, DEFAULT_TEST_FRACTION, float, lambda f: 0 < f < 1,
+                             f"is not a fraction strictly between 0 and 1 (e.g. 0.2); unset it for the default "
+                             f"{DEFAULT_TEST_FRACTION}.")
 
 
 def _cache_root() -> Path:

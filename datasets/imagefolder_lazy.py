@@ -34,7 +34,6 @@ import gzip
 import io
 import logging
 import lzma
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -45,6 +44,7 @@ from PIL import Image
 from bench.base.errors import UserError
 from bench.base.hashing import atomic_write
 
+from . import _files
 from ._base import ImageDataset
 from ._imagefiles import GRAY_MODES, _Tree, compression
 from .lazy import FitTo, ImageFiles, LazyImages, Names, check_images, load_arrays, save_arrays
@@ -65,17 +65,9 @@ _OPENERS = {"gz": gzip.open, "bz2": bz2.open, "xz": lzma.open}
 
 def lazy_threshold() -> int:
     """``$BENCH_IMAGEFOLDER_LAZY_BYTES`` (decoded bytes above which a set is streamed), default 2 GiB."""
-    raw = os.environ.get(LAZY_ENV_VAR, "").strip()
-    if not raw:
-        return DEFAULT_LAZY_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise UserError(f"{LAZY_ENV_VAR}={raw!r} is not a number of bytes: use an integer such as 2147483648 (2 GiB; "
-                        f"image sets whose decoded size exceeds it are streamed), or unset it for the default.")
-    return value
+    return _files.env_number(LAZY_ENV_VAR, DEFAULT_LAZY_BYTES, int, lambda v: v >= 0,
+                             "is not a number of bytes: use an integer such as 2147483648 (2 GiB; image sets whose "
+                             "decoded size exceeds it are streamed), or unset it for the default.")
 
 
 def choose_size(sizes: list[tuple[int, int]], gray: bool, size_setting: Optional[tuple[int, int]],

@@ -84,17 +84,9 @@ HOW_TO_GET = ("ImageNet needs an image-net.org account, so the harness does not 
 
 
 def _size() -> int:
-    raw = os.environ.get(SIZE_ENV_VAR, "").strip()
-    if not raw:
-        return DEFAULT_SIZE
-    try:
-        size = int(raw)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise UserError(f"{SIZE_ENV_VAR}={raw!r} is not an image size: use a number of pixels (e.g. 224, the crop "
-                        f"side), or unset it for {DEFAULT_SIZE}.")
-    return size
+    return _files.env_number(SIZE_ENV_VAR, DEFAULT_SIZE, int, lambda v: v >= 1,
+                             f"is not an image size: use a number of pixels (e.g. 224, the crop side), or unset it "
+                             f"for {DEFAULT_SIZE}.")
 
 
 def _root(data_dir: Optional[Path]) -> Path:
