@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from bench.base.errors import UserError
-from datasets import ImageDataset, LazyImages, imagefolder, imagefolder_lazy, iter_batches, lazy, load_dataset, take
+from datasets import (ImageDataset, LazyImages, imagefolder, imagefolder_lazy, imagenet, iter_batches, lazy, load_dataset,
+                      take)
 
 LAZY = imagefolder_lazy.LAZY_ENV_VAR
 
@@ -337,3 +338,19 @@ def test_raising_the_threshold_decodes_into_memory_and_a_damaged_index_is_rebuil
     again = streamed(folder, tmp_path / "c", monkeypatch)
     assert again.source == lz.source and isinstance(again.train_x, LazyImages)
     np.testing.assert_array_equal(again.test_x[:], mem.test_x)
+
+
+@pytest.mark.parametrize("var, read, bad, good, expected", [
+    (LAZY, imagefolder_lazy.lazy_threshold, "-1", "0", 0),
+    (imagefolder.FRACTION_ENV_VAR, imagefolder._test_fraction, "1", "0.25", 0.25),
+    (imagenet.SIZE_ENV_VAR, imagenet._size, "0", "64", 64),
+])
+def test_numeric_data_settings_read_their_value_and_refuse_a_bad_one(monkeypatch, var, read, bad, good, expected):
+    monkeypatch.setenv(var, good)
+    assert read() == expected
+    for value in (bad, "abc", "nan"):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(UserError, match=f"{var}='{value}' is not "):
+            read()
+    monkeypatch.setenv(var, "  ")
+    assert read() not in (None, expected)  # blank: the default
