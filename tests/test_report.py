@@ -256,6 +256,35 @@ def test_report_on_a_real_run_writes_every_figure(tiny_run, capsys):
     assert {k: v for k, v in after.items() if not k.startswith("report")} == before
 
 
+def assert_names_match_the_drawn_figures(df: pd.DataFrame, with_distribution: bool = True) -> list[str]:
+    """``run_figure_names`` (a page written without figures) names exactly what ``run_figures`` draws."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from bench.results.report import choose_budget, exit_distribution, run_figure_names, run_figures
+
+    matplotlib.use("Agg")
+    agg = aggregate(df)
+    chosen = choose_budget(agg) if with_distribution else None
+    dist = exit_distribution(df, chosen) if chosen is not None else None
+    drawn = run_figures(df, agg, dist, chosen)
+    for fig in drawn.values():
+        plt.close(fig)
+    assert run_figure_names(df, agg, dist, chosen) == list(drawn)
+    return list(drawn)
+
+
+def test_figure_names_without_drawing_match_the_figures(tiny_run, tmp_path):
+    timed = load_runs([hand_built_run(tmp_path / "timed", timing=True)])
+    assert assert_names_match_the_drawn_figures(timed) == [*FIGURES, "wall_vs_macs"]
+    assert assert_names_match_the_drawn_figures(timed, with_distribution=False) == [
+        "accuracy_vs_cost", "ece_vs_cost", "conformal_vs_cost", "wall_vs_macs"]
+    assert assert_names_match_the_drawn_figures(load_runs([tiny_run])) == FIGURES
+    no_conformal = load_runs([tiny_run])
+    no_conformal = no_conformal[~no_conformal["metric"].isin(["set_size", "coverage"])]
+    assert "conformal_vs_cost" not in assert_names_match_the_drawn_figures(no_conformal)
+
+
 def _not_a_dir(tmp_path):
     f = tmp_path / "file.txt"
     f.write_text("x")
@@ -369,6 +398,12 @@ def test_results_page_from_hand_built_runs(tmp_path, capsys):
         for fig in FIGURES:
             assert (page.parent / "figures" / f"{name}_{fig}.png").stat().st_size > 1000
         assert f"](figures/{name}_accuracy_vs_cost.png)" in text
+    # the page alone (no figure drawn) has the same text and links
+    from bench.results.page import build_page
+
+    alone = tmp_path / "alone" / "results.md"
+    assert build_page([a, b], alone, draw=False) == [alone] and not (alone.parent / "figures").exists()
+    assert alone.read_text().splitlines()[1:] == text.splitlines()[1:]
     # rerunning gives byte-identical files
     before = _digest(page.parent)
     assert main(argv) == 0

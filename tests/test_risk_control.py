@@ -215,6 +215,10 @@ def test_cli_risk_rows(tmp_path, shared_cache):
     for p in t.loc[t["metric"] == "risk", "params"]:  # every risk point has its cost and accuracy rows
         assert {"macs_rel", "accuracy", "risk", "risk_violation_share"} <= set(t.loc[t["params"] == p, "metric"])
     assert "ε=0.02" in (out / "summary.md").read_text()
+    from bench.results.report import load_runs
+    from tests.test_report import assert_names_match_the_drawn_figures
+
+    assert "risk_guarantee" in assert_names_match_the_drawn_figures(load_runs([out]))
 
 
 @pytest.mark.parametrize("args, message", [

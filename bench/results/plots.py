@@ -219,6 +219,20 @@ def figures(agg: pd.DataFrame, dist: pd.DataFrame | None = None, budget: float |
     return {k: v for k, v in figs.items() if v is not None}
 
 
+def figure_names(agg: pd.DataFrame, dist: pd.DataFrame | None = None, budget: float | None = None) -> list[str]:
+    """The names :func:`figures` returns for the same frames, in its order, from the points each figure would
+    draw, without drawing (a page written without its figures links the same files)."""
+    def has(metric: str, **conformal) -> bool:
+        return not cost_points(agg, metric, **conformal)[0].empty
+
+    conf = {"score": "lac", "scope": "global", "alpha": 0.1}  # plot_conformal_vs_cost's defaults
+    names = {"accuracy_vs_cost": has("accuracy"), "ece_vs_cost": has("ece"),
+             "conformal_vs_cost": has("set_size", **conf) or has("coverage", **conf),
+             "exit_distribution": budget is not None and dist is not None and not dist.empty,
+             "wall_vs_macs": has("wall_rel")}
+    return [k for k, v in names.items() if v]
+
+
 def render(fig, fmt: str) -> bytes:
     """The bytes of one figure as ``fmt``. PNGs carry no software tag and PDFs no creation date, so the same runs
     give the same bytes."""

@@ -41,7 +41,7 @@ from bench.base.errors import UserError
 from bench.base.hashing import atomic_write_text
 from bench.results import plots
 from bench.results.files import METRIC_COLUMNS
-from bench.results.risk_report import plot_risk_guarantee, risk_table
+from bench.results.risk_report import has_guarantee, plot_risk_guarantee, risk_frame, risk_table
 from bench.results.points import (INFEASIBLE, KINDS, NOT_REACHED, REACHED, combine_status, status_text,
                                   tag_points)
 from bench.results.summary import (method_label, monotonicity_table, seeds_text, timing_setup, timing_setup_text,
@@ -664,6 +664,13 @@ def run_figures(df: pd.DataFrame, agg: pd.DataFrame, dist: pd.DataFrame | None, 
     figs = plots.figures(agg, dist, budget, timing_setup_text(timing_setup(df)))
     guarantee = plot_risk_guarantee(df)
     return {**figs, **({"risk_guarantee": guarantee} if guarantee else {})}
+
+
+def run_figure_names(df: pd.DataFrame, agg: pd.DataFrame, dist: pd.DataFrame | None,
+                     budget: float | None) -> list[str]:
+    """The names :func:`run_figures` returns, without drawing."""
+    guarantee = has_guarantee(risk_frame(df))
+    return [*plots.figure_names(agg, dist, budget), *(["risk_guarantee"] if guarantee else [])]
 
 
 def build_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, split: str = "test",

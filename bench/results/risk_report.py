@@ -51,12 +51,17 @@ def risk_table(df: pd.DataFrame) -> str | None:
     return "\n".join(lines)
 
 
+def has_guarantee(w: pd.DataFrame) -> bool:
+    """Whether :func:`risk_frame`'s rows carry the re-split check :func:`plot_risk_guarantee` draws."""
+    return not w.empty and "risk_violation_share" in w
+
+
 def plot_risk_guarantee(df: pd.DataFrame):
     """Two panels per run: the violation share vs ε (δ dashed: ucb and ltt must stay under it) and the mean
     re-split test risk vs ε (the diagonal: crc must stay under it), one line per method, procedure and loss, mean
     over seeds; None without risk rows."""
     w = risk_frame(df)
-    if w.empty or "risk_violation_share" not in w:
+    if not has_guarantee(w):
         return None
     import matplotlib.pyplot as plt
 
