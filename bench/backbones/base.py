@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bench.backbones import resume
 from bench.base.errors import UserError
 from bench.base.fields import check_fields
 from bench.base.registry import Registry
@@ -332,6 +334,10 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
     with the best validation accuracy is kept (never test). Returns (model with those weights, eval mode, frozen;
     val_accuracy; best_epoch; history).
 
+    Inside ``bench.backbones.resume.resumable_training`` the state after each epoch is saved and a training that
+    was interrupted goes on from its last finished epoch (``after_epoch`` is replayed once per finished epoch,
+    so it must only advance a schedule); the resumed epochs' history entries say ``resumed_from``.
+
     Streamed images (``datasets.lazy``) are decoded a batch at a time in DataLoader workers, in the epoch's
     order; the draws are the same as for the array. On CUDA: in-memory uint8 training images live on the device for the whole run (converted, resized and augmented
     there, batched), the loss runs under bf16 autocast with TF32 matmuls (fp32 master weights), convolutional
@@ -356,8 +362,24 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
     best: tuple[float, int, dict | None] = (-1.0, -1, None)
     history: list[dict] = []
     t0 = time.perf_counter()
-    step = 0
-    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", dynamic_ncols=True)
+    step = start = 0
+    saved = resume.claim()
+    state = saved.load(cfg.epochs) if saved is not None else None
+    if state is not None:
+        start, step, history = int(state["finished_epochs"]), int(state["step"]), list(state["history"])
+        with warnings.catch_warnings():  # replayed before any optimiser step: torch warns about the order
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start if after_epoch is not None else 0):
+                after_epoch()
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])  # after the replay: the saved rates win
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best = (float(state["best_accuracy"]), int(state["best_epoch"]), state["best_model"])
+        t0 -= float(state["seconds"])
+        tqdm.write(f"{desc}: resuming after epoch {start} of {cfg.epochs} ({saved.path})")
+    bar = tqdm(range(start, cfg.epochs), desc=desc, unit="epoch", dynamic_ncols=True, initial=start,
+               total=cfg.epochs)
     for epoch in bar:
         model.train()
         perm, draws = epoch_draws(len(train_x), cfg.batch_size, cfg.img_size, cfg.augment, gen,
@@ -387,16 +409,21 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
             if step == 1:
                 t_first = time.perf_counter()
             elif step == 1 + _ESTIMATE_AFTER_STEPS and not cuda:
-                _print_estimate(desc, device, cfg, steps_per_epoch,
+                _print_estimate(desc, device, cfg, cfg.epochs - start, steps_per_epoch,
                                 (time.perf_counter() - t_first) / _ESTIMATE_AFTER_STEPS)
         if after_epoch is not None:
             after_epoch()
         train_loss = loss_sum.item() / len(perm)
         val_acc, extra = validate()
         history.append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_acc, **extra,
-                        "seconds": round(time.perf_counter() - t0, 3)})
+                        "seconds": round(time.perf_counter() - t0, 3), **({"resumed_from": start} if start else {})})
         if val_acc > best[0]:
             best = (val_acc, epoch, copy.deepcopy(model.state_dict()))
+        if saved is not None and epoch + 1 < cfg.epochs:
+            saved.save({"epochs": cfg.epochs, "finished_epochs": epoch + 1, "step": step, "history": history,
+                        "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                        "torch_rng": torch.get_rng_state(), "best_accuracy": best[0], "best_epoch": best[1],
+                        "best_model": best[2], "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}", best=f"{best[0]:.3f}")
     model.load_state_dict(best[2])
     if cuda and channels_last:
@@ -409,14 +436,14 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
 SIZE_FIELDS = ("depth", "embed_dim", "n_blocks", "channels", "growth_rate")
 
 
-def _print_estimate(desc: str, device: str, cfg, steps_per_epoch: int, step_s: float) -> None:
-    """Say, before a long CPU training gets far, how long it will take and how to shrink it (naming the size
-    fields this backbone's config has)."""
-    total = step_s * cfg.epochs * steps_per_epoch
+def _print_estimate(desc: str, device: str, cfg, epochs: int, steps_per_epoch: int, step_s: float) -> None:
+    """Say, before a long CPU training gets far, how long its ``epochs`` (those left) will take and how to shrink
+    it (naming the size fields this backbone's config has)."""
+    total = step_s * epochs * steps_per_epoch
     if total < ESTIMATE_ABOVE_S:
         return
     size = " / ".join(f"backbone.{f}=N" for f in SIZE_FIELDS if hasattr(cfg, f))
     smaller = f"--set {size}, or --backbone" if size else "--backbone"
-    tqdm.write(f"{desc}: about {_duration(total)} on {device} ({cfg.epochs} epochs x {steps_per_epoch} steps at "
+    tqdm.write(f"{desc}: about {_duration(total)} on {device} ({epochs} epochs x {steps_per_epoch} steps at "
                f"{step_s * 1000:.0f} ms per step, validation not included). To shrink it: fewer epochs "
                f"(--set backbone.epochs=N), a smaller network ({smaller}), or a GPU (--device cuda).")

@@ -1,6 +1,7 @@
 """The backbone checkpoint cache: one trained backbone per (network config, dataset, split, seed, data,
 arithmetic), trained once under a lock (``exclusive``) and saved atomically as
-``<cache>/backbones/<dataset>-<network>-<key>.pt``. The driver trains it (``load_or_train_backbone``); Dask
+``<cache>/backbones/<dataset>-<network>-<key>.pt`` (``.pt.partial`` holds an unfinished training's state after
+each epoch: an interrupted training resumes from it). The driver trains it (``load_or_train_backbone``); Dask
 workers that extract features load it (``load_checkpoint``, ``bench.pipeline.feature_ranges``).
 
 Checkpoints hold tensors and plain numbers only and are read with ``torch.load(weights_only=True)``: nothing a
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from bench.backbones.base import Backbone, TrainedBackbone, arithmetic, compiled_training
+from bench.backbones.resume import resumable_training
 from bench.base.hashing import atomic_write, config_hash
 from bench.base.locks import exclusive
 from bench.pipeline.splits import Splits
@@ -46,7 +48,9 @@ def load_or_train_backbone(cache_dir: Path, plugin: type[Backbone], cfg, dataset
         if cached is not None:
             return cached
         tr, va = splits.train, splits.val
-        with compiled_training(compiled):  # take: streamed images stay a view (x[idx] would decode them all here)
+        # take: streamed images stay a view (x[idx] would decode them all here); an interrupted training resumes
+        # from the state its last finished epoch left next to the checkpoint (bench.backbones.resume)
+        with compiled_training(compiled), resumable_training(partial_path(path), key) as saved:
             model, val_acc, best_epoch, history = plugin.train(
                 cfg, take(dataset.train_x, tr), dataset.train_y[tr], take(dataset.train_x, va), dataset.train_y[va],
                 dataset.num_classes, splits.seed, device,
@@ -55,12 +59,18 @@ def load_or_train_backbone(cache_dir: Path, plugin: type[Backbone], cfg, dataset
         atomic_write(path, lambda tmp: torch.save({"key": key, "state_dict": state, "val_accuracy": float(val_acc),
                                                    "best_epoch": int(best_epoch), "history": history,
                                                    "config": dataclasses.asdict(cfg)}, tmp))
+        saved.remove()
     return TrainedBackbone(plugin, model, cfg, key, val_acc, best_epoch, history)
 
 
 def checkpoint_path(cache_dir: str | Path, plugin: type[Backbone], dataset: str, key: str) -> Path:
     """Where the checkpoint of backbone ``key`` lives (workers get this path to load it)."""
     return Path(cache_dir) / "backbones" / f"{dataset}-{plugin.name}-{key}.pt"
+
+
+def partial_path(path: Path) -> Path:
+    """Where the training of checkpoint ``path`` keeps its state between epochs until the checkpoint is written."""
+    return path.with_name(path.name + ".partial")
 
 
 def load_checkpoint(path: Path, plugin: type[Backbone], cfg, key: str, dataset: ImageDataset, device: str

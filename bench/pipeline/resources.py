@@ -11,7 +11,8 @@ at its end) and shown on the results page's machine line (``bench.results.page.m
 - ``stages``: per seed and network, the images per second of the backbone's training and of the exit-feature
   extraction, for the stages that ran in this run (a backbone or features read from the cache have none).
   ``backbone_training``: training images x epochs over the training loop's seconds (each epoch's validation pass
-  included: the backbone's history). ``features``: the images of the dataset's train and test arrays over the
+  included: the backbone's history; a training resumed from an earlier process's state counts the seconds of
+  every process, not the time in between). ``features``: the images of the dataset's train and test arrays over the
   seconds ``load_task`` took beyond the training loop (the feature pass, writing and hashing the cache files and
   gathering the split files; loading the splits and saving the checkpoint, which take milliseconds, too).
 
@@ -120,6 +121,7 @@ def stage_rates(cfg: RunConfig, loaded: LoadedTask, network: str, before: dict, 
     path = checkpoint_path(cache_dir_of(cfg), b.plugin, loaded.dataset.name, b.key)
     trained = _written_since(path, before) and bool(b.history)
     train_s = float(loaded.backbone.history[-1].get("seconds") or 0.0) if trained else 0.0
+    train_here_s = _seconds_here(b.history) if trained else 0.0
     if trained:
         epochs = len(loaded.backbone.history)
         out.append(_entry(loaded.task.seed, network, "backbone_training", len(loaded.splits.train) * epochs, train_s,
@@ -127,8 +129,17 @@ def stage_rates(cfg: RunConfig, loaded: LoadedTask, network: str, before: dict, 
     directory = feature_dir(cache_dir_of(cfg), loaded.dataset.name, feature_key(loaded.backbone, cfg.device))
     if any(_written_since(header_path(directory, name), before) for name in ("train", "test")):
         n = len(loaded.dataset.train_y) + len(loaded.dataset.test_y)
-        out.append(_entry(loaded.task.seed, network, "features", n, max(seconds - train_s, 0.0)))
+        out.append(_entry(loaded.task.seed, network, "features", n, max(seconds - train_here_s, 0.0)))
     return out
+
+
+def _seconds_here(history: list[dict]) -> float:
+    """The training loop's seconds in this process: all of them, or those after the epoch it resumed from."""
+    if not history:
+        return 0.0
+    start = int(history[-1].get("resumed_from") or 0)
+    before = float(history[start - 1].get("seconds") or 0.0) if start else 0.0
+    return float(history[-1].get("seconds") or 0.0) - before
 
 
 class Clock:
