@@ -111,6 +111,30 @@ def test_a_stale_lock_is_taken_over(tmp_path, caplog, monkeypatch):
     assert not lock.exists()
 
 
+def test_a_long_holder_keeps_its_lock_alive(tmp_path, monkeypatch):
+    """A holder busy for longer than the stale age (a multi-hour training) is not taken over: its heartbeat keeps
+    the lock fresh; once released, the lock is gone for good."""
+    monkeypatch.setenv("BENCH_LOCK_STALE_S", "0.6")  # a beat every 0.15 s
+    lock = tmp_path / "entry.lock"
+    order = []
+
+    def second():
+        with locks.exclusive(lock, "the entry", say=lambda _: None):
+            order.append("second")
+
+    with locks.exclusive(lock, "the entry"):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(2.0)  # over three stale ages
+        info = json.loads(lock.read_text())
+        assert info["pid"] == os.getpid() and info["beat"] > info["since"] + 1.0 and not locks._stale(info)
+        order.append("first")
+    t.join(10)
+    assert order == ["first", "second"]
+    time.sleep(0.5)
+    assert not lock.exists() and not list(tmp_path.glob(".*beat"))
+
+
 def test_two_runs_on_one_empty_cache_train_one_backbone(tmp_path):
     """Started at once on the same empty cache: one trains, the other waits (and says so), both write the same
     rows."""

@@ -1,9 +1,11 @@
 """One producer per cache entry: a lock file next to the entry, created atomically (``O_CREAT | O_EXCL``, which
-also works on the shared file systems Dask clusters use), holding the holder's host, pid and start time.
+also works on the shared file systems Dask clusters use), holding the holder's host, pid, start time and heartbeat (rewritten every quarter of the stale age while the
+lock is held, so a holder that works for hours, such as a long training, stays visibly alive).
 
 A second process (another run, a Dask worker) that wants the same entry waits, says so once, and then reads
 what the first one wrote. A lock is stale, and is taken over, when its holder is on this host and no longer
-alive, when it is older than ``$BENCH_LOCK_STALE_S`` seconds (default six hours), or when it cannot be read.
+alive, when its heartbeat is older than ``$BENCH_LOCK_STALE_S`` seconds (default six hours: a holder on another
+host that died), or when it cannot be read.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,11 +37,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _max_age() -> float:
+    return float(os.environ.get("BENCH_LOCK_STALE_S", 6 * 3600))
+
+
 def _stale(info: dict | None) -> bool:
     if info is None:
         return True
-    max_age = float(os.environ.get("BENCH_LOCK_STALE_S", 6 * 3600))
-    if time.time() - float(info.get("since", 0)) > max_age:
+    if time.time() - float(info.get("beat", info.get("since", 0))) > _max_age():
         return True
     return info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1)))
 
@@ -48,6 +54,19 @@ def _read(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _heartbeat(path: Path, holder: dict, stop: threading.Event) -> None:
+    """Rewrite the lock's ``beat`` (atomically) every quarter of the stale age until ``stop``; give up, with a
+    warning, if the file is no longer this holder's (another process took it over)."""
+    while not stop.wait(_max_age() / 4):
+        info = _read(path)
+        if info is None or any(info.get(k) != holder[k] for k in ("host", "pid", "since")):
+            log.warning("lock %s is no longer held by this process (%s)", path, info)
+            return
+        tmp = path.with_name(f".{path.name}.{holder['pid']}.beat")
+        tmp.write_text(json.dumps({**holder, "beat": time.time()}))
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -76,11 +95,17 @@ def exclusive(path: str | os.PathLike, what: str, say: Callable[[str], None] | N
                 said = True
             time.sleep(POLL_S)
             continue
+        holder = _holder()
         with os.fdopen(fd, "w") as f:
-            json.dump(_holder(), f)
+            json.dump(holder, f)
         break
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(path, holder, stop), name=f"lock {path.name}", daemon=True)
+    beat.start()
     try:
         yield
     finally:
+        stop.set()
+        beat.join()  # before the unlink: a late beat must not recreate a released lock
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
