@@ -1,6 +1,7 @@
 """One producer per cache entry: a lock file next to the entry, created atomically (``O_CREAT | O_EXCL``, which
-also works on the shared file systems Dask clusters use), holding the holder's host, pid, start time and heartbeat (rewritten every quarter of the stale age while the
-lock is held, so a holder that works for hours, such as a long training, stays visibly alive).
+also works on the shared file systems Dask clusters use), holding the holder's host, pid, start time and
+heartbeat (rewritten every quarter of the stale age while the lock is held, so that a holder working for hours,
+such as a long training, stays visibly alive).
 
 A second process (another run, a Dask worker) that wants the same entry waits, says so once, and then reads
 what the first one wrote. A lock is stale, and is taken over, when its holder is on this host and no longer
