@@ -119,6 +119,7 @@ def test_a_long_cpu_training_prints_its_estimate_and_how_to_shrink_it(monkeypatc
     text = out.out + out.err
     assert "bb: about" in text and "1 epochs x 7 steps" in text and "--set backbone.epochs=N" in text
     assert "backbone.depth=N / backbone.embed_dim=N" in text and "growth_rate" not in text
+    assert "resumes" not in text  # trained outside the backbone cache: nothing saves its state
 
 
 def test_the_estimate_names_the_size_fields_of_the_backbone_it_trains(monkeypatch, capsys):

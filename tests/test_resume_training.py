@@ -111,6 +111,15 @@ def test_a_damaged_or_foreign_state_is_not_used(tmp_path, digits, monkeypatch, c
     assert all("resumed_from" not in e for e in retrained.history) and not target.exists()
 
 
+def test_a_long_training_says_a_rerun_resumes_it(tmp_path, digits, monkeypatch, capsys):
+    monkeypatch.setattr(base_module, "ESTIMATE_ABOVE_S", 0.0)
+    plugin, cfg = _config("vit")
+    load_or_train_backbone(tmp_path, plugin, cfg, digits, make_splits(digits.train_y, len(digits.test_y), 0))
+    out = capsys.readouterr()
+    assert "4 epochs x" in out.out + out.err
+    assert "the same command resumes it after its last finished epoch" in out.out + out.err
+
+
 def test_only_the_first_training_in_a_context_is_resumable(tmp_path):
     with resume.resumable_training(tmp_path / "x.partial", "k") as state:
         assert resume.claim() == state and resume.claim() is None

@@ -410,7 +410,7 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
                 t_first = time.perf_counter()
             elif step == 1 + _ESTIMATE_AFTER_STEPS and not cuda:
                 _print_estimate(desc, device, cfg, cfg.epochs - start, steps_per_epoch,
-                                (time.perf_counter() - t_first) / _ESTIMATE_AFTER_STEPS)
+                                (time.perf_counter() - t_first) / _ESTIMATE_AFTER_STEPS, saved is not None)
         if after_epoch is not None:
             after_epoch()
         train_loss = loss_sum.item() / len(perm)
@@ -436,9 +436,10 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
 SIZE_FIELDS = ("depth", "embed_dim", "n_blocks", "channels", "growth_rate")
 
 
-def _print_estimate(desc: str, device: str, cfg, epochs: int, steps_per_epoch: int, step_s: float) -> None:
-    """Say, before a long CPU training gets far, how long its ``epochs`` (those left) will take and how to shrink
-    it (naming the size fields this backbone's config has)."""
+def _print_estimate(desc: str, device: str, cfg, epochs: int, steps_per_epoch: int, step_s: float,
+                    resumable: bool = False) -> None:
+    """Say, before a long CPU training gets far, how long its ``epochs`` (those left) will take, how to shrink it
+    (naming the size fields this backbone's config has) and, if it saves its state, that a rerun resumes it."""
     total = step_s * epochs * steps_per_epoch
     if total < ESTIMATE_ABOVE_S:
         return
@@ -446,4 +447,6 @@ def _print_estimate(desc: str, device: str, cfg, epochs: int, steps_per_epoch: i
     smaller = f"--set {size}, or --backbone" if size else "--backbone"
     tqdm.write(f"{desc}: about {_duration(total)} on {device} ({epochs} epochs x {steps_per_epoch} steps at "
                f"{step_s * 1000:.0f} ms per step, validation not included). To shrink it: fewer epochs "
-               f"(--set backbone.epochs=N), a smaller network ({smaller}), or a GPU (--device cuda).")
+               f"(--set backbone.epochs=N), a smaller network ({smaller}), or a GPU (--device cuda)."
+               + (" If it is interrupted, the same command resumes it after its last finished epoch." if resumable
+                  else ""))
