@@ -5,8 +5,9 @@ such as a long training, stays visibly alive).
 
 A second process (another run, a Dask worker) that wants the same entry waits, says so once, and then reads
 what the first one wrote. A lock is stale, and is taken over, when its holder is on this host and no longer
-alive, when its heartbeat is older than ``$BENCH_LOCK_STALE_S`` seconds (default six hours: a holder on another
-host that died), or when it cannot be read.
+alive, when its heartbeat is older than ``$BENCH_LOCK_STALE_S`` seconds (default 30 minutes, leaving room for
+clock skew between hosts: a holder on another host that died, e.g. a preempted cluster job whose training a rerun
+elsewhere resumes), or when it cannot be read.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _alive(pid: int) -> bool:
 
 
 def _max_age() -> float:
-    return float(os.environ.get("BENCH_LOCK_STALE_S", 6 * 3600))
+    return float(os.environ.get("BENCH_LOCK_STALE_S", 30 * 60))
 
 
 def _stale(info: dict | None) -> bool:
