@@ -111,6 +111,47 @@ def test_a_damaged_or_foreign_state_is_not_used(tmp_path, digits, monkeypatch, c
     assert all("resumed_from" not in e for e in retrained.history) and not target.exists()
 
 
+@dataclasses.dataclass
+class _Recipe:
+    epochs: int = 4
+    batch_size: int = 128
+    img_size: int = 8
+    augment: str = "crop_flip"
+
+
+def _train_with_dropout(digits, state_path):
+    """A network with dropout (draws from torch's global generator at every step), trained by fit_epochs inside
+    a resumable context."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Dropout(0.5),
+                                torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x, y = digits.train_x[:600], digits.train_y[:600]
+
+    def validate():
+        with torch.no_grad():
+            model.eval()
+            acc = float((model(base_module.to_tensor(x[:100], 8)).argmax(1).numpy() == y[:100]).mean())
+            model.train()
+        return acc, {}
+
+    with resume.resumable_training(state_path, "dropout"):
+        model, *_ = base_module.fit_epochs(model, opt, _Recipe(), x, y, 0, "cpu", "dropout",
+                                           lambda xb, yb: torch.nn.functional.cross_entropy(model(xb), yb),
+                                           validate)
+    return model.state_dict()
+
+
+def test_a_network_with_dropout_resumes_with_torch_s_generator(tmp_path, digits, monkeypatch):
+    whole = _train_with_dropout(digits, tmp_path / "whole.partial")
+    with monkeypatch.context() as m:
+        _kill_after(m, 2)
+        with pytest.raises(Killed):
+            _train_with_dropout(digits, tmp_path / "cut.partial")
+    resumed = _train_with_dropout(digits, tmp_path / "cut.partial")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_a_long_training_says_a_rerun_resumes_it(tmp_path, digits, monkeypatch, capsys):
     monkeypatch.setattr(base_module, "ESTIMATE_ABOVE_S", 0.0)
     plugin, cfg = _config("vit")
