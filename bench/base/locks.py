@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from bench.base.hashing import atomic_write_text
+
 log = logging.getLogger(__name__)
 POLL_S = 0.5
 
@@ -66,9 +68,7 @@ def _heartbeat(path: Path, holder: dict, stop: threading.Event) -> None:
         if info is None or any(info.get(k) != holder[k] for k in ("host", "pid", "since")):
             log.warning("lock %s is no longer held by this process (%s)", path, info)
             return
-        tmp = path.with_name(f".{path.name}.{holder['pid']}.beat")
-        tmp.write_text(json.dumps({**holder, "beat": time.time()}))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({**holder, "beat": time.time()}))
 
 
 @contextlib.contextmanager
