@@ -342,7 +342,8 @@ def fit_epochs(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg, train_x:
     order; the draws are the same as for the array. On CUDA: in-memory uint8 training images live on the device
     for the whole run (converted, resized and augmented there, batched), the loss runs under bf16 autocast with
     TF32 matmuls (fp32 master weights), convolutional backbones pass ``channels_last``, and nothing waits for the
-    GPU within an epoch (the loss is summed on the device and read once per epoch). On CPU the arithmetic is the same as it always was."""
+    GPU within an epoch (the loss is summed on the device and read once per epoch). On CPU the arithmetic is the
+    same as it always was."""
     cuda = use_fast_cuda(device)
     if _COMPILE_TRAINING:
         batch_loss = torch.compile(batch_loss)
