@@ -175,6 +175,9 @@ def test_warmup_cosine_lr_hand_computed():
     assert warmup_cosine_lr(0, 10, 0, 0.1) == pytest.approx(0.1)  # no warm-up: starts at the base rate
 
 
+# the fake loop steps the schedule with no optimizer step in between (the real loop steps both), which torch
+# warns about
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 @pytest.mark.parametrize("schedule", ["step", "cosine"])
 def test_training_schedules_set_the_optimisers_learning_rate(monkeypatch, schedule):
     """The schedule MSDNet's training hands to the shared loop: cosine sets the rate before every step (warm-up
