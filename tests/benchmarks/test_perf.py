@@ -10,7 +10,6 @@ The perf tasks come from random-weight networks on structured random images: the
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,21 +25,21 @@ from bench.pipeline.features import compute_features, load_or_compute_features
 from bench.pipeline.runner import run_early_exit
 from bench.pipeline.timing import time_call
 from bench.pipeline.splits import Splits
-from datasets import ImageDataset, load_dataset
+from datasets import ImageDataset, _files, load_dataset
 
 BUDGETS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 # one row each per (budget, split): the overall metrics of an operating point (bench.pipeline.evaluate)
 POINT_METRICS = {"accuracy", "ece", "ece_equal_mass", "nll", "brier", "auroc_misclassification", "macs", "macs_rel"}
 TARGET_S = 1.0
+DEBIAN_FMNIST = _files.SYSTEM_DIRS["fashion-mnist"][0]  # where Debian's package puts the files
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
-                    reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not DEBIAN_FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_load_real_fashion_mnist(benchmark):
     """The official Fashion-MNIST files from the Debian package, no cache: md5 of each file and gunzip of 30 MB.
     Target: under 3 s (reported, not asserted; 0.5-1 s on an idle 2-core box)."""
     ds = benchmark.pedantic(load_dataset, args=("fashion-mnist",),
-                            kwargs={"data_dir": "/usr/share/datasets/fashion-mnist", "download": False},
+                            kwargs={"data_dir": DEBIAN_FMNIST, "download": False},
                             rounds=3, iterations=1, warmup_rounds=0)
     assert ds.train_x.shape == (60000, 28, 28, 1) and ds.test_x.shape == (10000, 28, 28, 1)
 
