@@ -15,7 +15,8 @@ from scipy import stats
 
 from bench.cli import main
 from bench.results.files import METRIC_COLUMNS, command_line, machine
-from bench.results.report import aggregate, load_runs, paired_bootstrap
+from bench.results.matched_cost import paired_bootstrap
+from bench.results.report import aggregate, load_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ["accuracy_vs_cost", "ece_vs_cost", "conformal_vs_cost", "exit_distribution"]

@@ -1,5 +1,5 @@
 """Comparisons at equal realised cost, own operating points and budgets a method cannot reach, on hand-built run
-folders whose answers are worked out by hand (bench/results/points.py, report.compare, summary, plots)."""
+folders whose answers are worked out by hand (bench/results/points.py, matched_cost, summary, plots)."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,8 @@ from bench.cli import main
 from bench.results.files import METRIC_COLUMNS
 from bench.results.plots import plot_accuracy_vs_cost, points
 from bench.results.points import tag_points
-from bench.results.report import (COMPARISON_COLUMNS, aggregate, bracket, compare, load_decisions, load_runs,
-                                  matched_cost_table, paired_bootstrap)
+from bench.results.matched_cost import COMPARISON_COLUMNS, bracket, compare, paired_bootstrap
+from bench.results.report import aggregate, load_decisions, load_runs, matched_cost_table
 from bench.results.summary import exit_score_table, summary_table
 from test_report import _row
 

@@ -16,9 +16,10 @@ import pandas as pd
 from bench.base.errors import UserError
 from bench.base.hashing import atomic_write_text
 from bench.results import plots
-from bench.results.report import (_check_split, _read_run_json, _use_agg, aggregate, choose_budget, compare,
-                                  exit_distribution, load_decisions, load_runs, matched_cost_table, run_figure_names,
-                                  run_figures, sweep_key)
+from bench.results.matched_cost import compare
+from bench.results.report import (_check_split, _read_run_json, _use_agg, aggregate, choose_budget, exit_distribution,
+                                  load_decisions, load_runs, matched_cost_table, run_figure_names, run_figures,
+                                  sweep_key)
 from bench.results.risk_report import risk_table
 from bench.results.summary import exit_score_table, monotonicity_table, summary_table, timing_table
 
